@@ -91,8 +91,8 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
 
 # %% ../nbs/03_tracking.ipynb #3a92c693
 def run_name(model: str, params: dict[str, Any], key_params: tuple[str, ...] = (), now: datetime | None = None) -> str:
-    "`<model>_<key params>-<timestamp>`, e.g. `als_factors64-20261126-101500`."
-    keys = "_".join(f"{k}{params[k]}" for k in key_params if k in params)
+    "`<model>_<key param values>-<timestamp>`, e.g. `als_64-20261126-101500`."
+    keys = "_".join(str(params[k]) for k in key_params if k in params)
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"{model}_{keys}-{stamp}" if keys else f"{model}-{stamp}"
 
@@ -136,8 +136,9 @@ class Run:
     run_id: str
     name: str
     curves: EpochLogger
-    fit_time_s: float = 0.0
+    fit_time_s: float = 0.0  # total time spent inside timer()
     per_fold: list[dict[str, float]] = field(default_factory=list)
+    _fit_mark: float = 0.0
 
     @contextmanager
     def timer(self) -> Iterator[None]:
@@ -149,15 +150,17 @@ class Run:
             self.fit_time_s += time.perf_counter() - start
 
     def log_fold(self, fold: int, metrics: dict[str, float]) -> None:
-        "Record one fold's metrics as step `fold` of `<metric>_by_fold`."
+        "Record one fold's metrics, and its fit time since the previous fold, as step `fold` of `<metric>_by_fold`."
+        metrics = {**metrics, "fit_time_s": self.fit_time_s - self._fit_mark}
+        self._fit_mark = self.fit_time_s
         self.per_fold.append(metrics)
         for key, value in metrics.items():
             self.curves.log(f"{key}_by_fold", value, fold)
         self.curves.flush()
 
     def log_summary(self) -> dict[str, float]:
-        "Log the mean and std of every per-fold metric, and `fit_time_s`; return them."
-        summary: dict[str, float] = {"fit_time_s": self.fit_time_s}
+        "Log the mean and std of every per-fold metric (fit time included); return them."
+        summary: dict[str, float] = {}
         for key in self.per_fold[0] if self.per_fold else []:
             values = [m[key] for m in self.per_fold]
             mean = sum(values) / len(values)
