@@ -82,10 +82,11 @@ async def lifespan(app: FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     "The ASGI app for `settings` (default: from the environment); the export loads at start-up, not here."
-    init_sentry()
+    settings = settings or Settings()
+    init_sentry(secrets=(settings.api_token.get_secret_value(),) if settings.api_token else ())
     app = FastAPI(title="reco_lab", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Recommendations of the exported reco_lab models.")
-    app.state.settings = settings or Settings()
+    app.state.settings = settings
     add_error_handlers(app)
     app.add_middleware(AccessLog)
     guarded = [Depends(check_token)]

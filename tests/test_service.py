@@ -1,0 +1,290 @@
+"The recommendation service against a live `reco-lab serve` over HTTP: contract, auth, Sentry envelopes, ECS logs, start-up checks, fuzzing."
+import gzip
+import http.server
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from reco_lab.data import make_synthetic
+from reco_lab.export import load_export
+from reco_lab.service.bench import ServiceFailed, free_port, live_service
+from reco_lab.service.demo import build_demo_export
+
+TOKEN = "t0ken-for-tests-only"
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return build_demo_export(tmp_path_factory.mktemp("export") / "models", make_synthetic(400, 200, 4_000))
+
+
+@pytest.fixture(scope="module")
+def warm_user(export_dir):
+    export = load_export(export_dir)
+    return next(int(u) for u in export.users if u % 666)
+
+
+class SentrySink:
+    "A local HTTP endpoint that receives the Sentry SDK's envelopes (the SDK's own testing pattern)."
+
+    def __init__(self):
+        self.envelopes: list[dict] = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                sink.envelopes.append({"path": self.path, "headers": dict(self.headers), "raw": body, "items": _parse_envelope(body)})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.dsn = f"http://key@127.0.0.1:{self.server.server_port}/1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self, timeout: float = 10.0, count: int = 1) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [i for e in self.envelopes for i in e["items"] if i.get("exception")]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} Sentry event(s), got {len(found)}")
+
+
+def _parse_envelope(body: bytes) -> list[dict]:
+    lines = body.split(b"\n")
+    items, i = [], 1
+    while i + 1 < len(lines):
+        header = json.loads(lines[i])
+        if "length" in header:  # the payload may contain newlines; the length is authoritative
+            start = sum(len(l) + 1 for l in lines[: i + 1])
+            payload = body[start:start + header["length"]]
+            i += 1 + payload.count(b"\n") + 1
+        else:
+            payload = lines[i + 1]
+            i += 2
+        if header.get("type") == "event":
+            items.append(json.loads(payload))
+    return items
+
+
+@pytest.fixture(scope="module")
+def sentry():
+    sink = SentrySink()
+    yield sink
+    sink.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def guarded(export_dir, sentry, tmp_path_factory):
+    "Token on, error emulation on, Sentry to the local sink."
+    env = {"RECO_LAB_API_TOKEN": TOKEN, "RECO_LAB_EMULATE_ERRORS": "1", "SENTRY_DSN": sentry.dsn, "SENTRY_ENVIRONMENT": "ci-test"}
+    with live_service(export_dir, env=env, log=tmp_path_factory.mktemp("logs") / "guarded.log") as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def open_service(export_dir, tmp_path_factory):
+    "No token, no emulation, and a Sentry DSN that points nowhere."
+    env = {"SENTRY_DSN": f"http://key@127.0.0.1:{free_port()}/1"}
+    with live_service(export_dir, env=env, log=tmp_path_factory.mktemp("logs") / "open.log") as service:
+        yield service
+
+
+def get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, dict, object]:
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, dict(reply.headers), json.load(reply)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.load(e)
+
+
+def error_key(body) -> str:
+    assert set(body) == {"errors"} and set(body["errors"][0]) == {"error_key", "error_message", "error_loc"}, body
+    return body["errors"][0]["error_key"]
+
+
+# --- the contract, without a token -------------------------------------------------------------------------------
+
+def test_health_and_models(open_service):
+    assert get(open_service.url + "/health")[::2] == (200, "I am alive")
+    assert get(open_service.url + "/models")[::2] == (200, {"models": ["popular", "knn", "als"]})
+
+
+def test_reco_gives_k_distinct_unseen_items_for_every_model(open_service, export_dir, warm_user):
+    export = load_export(export_dir)
+    row = export.row(warm_user)
+    seen = set(export.seen_items[export.seen_indptr[row]:export.seen_indptr[row + 1]].tolist())
+    for model in export.models:
+        status, _, body = get(f"{open_service.url}/reco/{model}/{warm_user}")
+        assert status == 200 and body["user_id"] == warm_user
+        assert len(body["items"]) == 10 == len(set(body["items"])) and not seen & set(body["items"]), (model, body)
+        assert body["items"] == export.recommend(model, warm_user, 10)
+
+
+def test_cold_user_gets_the_popular_fallback(open_service, export_dir):
+    status, _, body = get(f"{open_service.url}/reco/knn/999999")
+    assert status == 200 and body["items"] == load_export(export_dir).popular[:10].tolist()
+
+
+def test_errors_share_one_body(open_service, warm_user):
+    status, _, body = get(f"{open_service.url}/reco/lightgbm/{warm_user}")
+    assert status == 404 and error_key(body) == "model_not_found" and body["errors"][0]["error_loc"] == ["path", "model_name"]
+    status, _, body = get(f"{open_service.url}/reco/knn/{10**9 + 1}")
+    assert status == 404 and error_key(body) == "user_not_found"
+    status, _, body = get(f"{open_service.url}/reco/knn/{10**9}")
+    assert status == 200
+    status, _, body = get(f"{open_service.url}/reco/knn/12.5")
+    assert status == 422 and body["errors"][0]["error_loc"] == ["path", "user_id"]
+    status, _, body = get(f"{open_service.url}/no/such/route")
+    assert status == 404 and error_key(body) == "not_found"
+    status, headers, body = get(f"{open_service.url}/health", method="POST")
+    assert status == 405 and error_key(body) == "method_not_allowed" and "GET" in headers["allow"]
+
+
+def test_emulation_off_and_dead_dsn_do_not_fail_requests(open_service):
+    status, _, body = get(f"{open_service.url}/reco/knn/666")
+    assert status == 200 and len(body["items"]) == 10
+    for _ in range(5):  # each captures a warning for a DSN nobody listens on: answers still come, as 404s
+        assert get(f"{open_service.url}/reco/nope/1")[0] == 404
+
+
+# --- the token ----------------------------------------------------------------------------------------------------
+
+def test_token_guards_reco_and_models_but_not_health(guarded, warm_user):
+    assert get(guarded.url + "/health")[0] == 200
+    for path in ("/models", f"/reco/knn/{warm_user}"):
+        for token in (None, "wrong", TOKEN + "x"):
+            status, headers, body = get(guarded.url + path, token)
+            assert status == 401 and error_key(body) == "token_is_not_correct" and headers["www-authenticate"] == "Bearer"
+        assert get(guarded.url + path, TOKEN)[0] == 200
+
+
+# --- Sentry and the ECS log ---------------------------------------------------------------------------------------
+
+def access_line(service, path: str) -> dict:
+    for _ in range(50):
+        lines = [l for l in service.log_lines() if l.get("event", {}).get("dataset") == "reco_lab.access" and l["url"]["path"] == path]
+        if lines:
+            return lines[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no access line for {path}")
+
+
+def test_unknown_model_is_a_warning_event_with_tags(guarded, sentry, warm_user):
+    path = f"/reco/lightgbm/{warm_user}"
+    status, _, body = get(guarded.url + path, TOKEN)
+    assert status == 404 and error_key(body) == "model_not_found"
+    event = next(e for e in sentry.events() if e["exception"]["values"][-1]["type"] == "ModelNotFound")
+    assert event["level"] == "warning" and event["environment"] == "ci-test"
+    assert event["tags"]["model_name"] == "lightgbm" and str(event["tags"]["user_id"]) == str(warm_user)
+    line = access_line(guarded, path)
+    assert line["trace"]["id"] == event["contexts"]["trace"]["trace_id"]
+    assert line["http"]["response"]["status_code"] == 404 and line["reco"] == {"model_name": "lightgbm", "user_id": warm_user}
+
+
+def test_emulated_failure_is_a_500_and_an_error_event_with_its_stack(guarded, sentry):
+    path = "/reco/als/1332"
+    status, _, body = get(guarded.url + path, TOKEN)
+    assert status == 500 and body == {"errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]}
+    event = next(e for e in sentry.events(count=2) if e["exception"]["values"][-1]["type"] == "EmulatedFailure")
+    assert event["level"] == "error" and event["environment"] == "ci-test"
+    assert event["tags"]["model_name"] == "als" and str(event["tags"]["user_id"]) == "1332"
+    frames = [f["function"] for f in event["exception"]["values"][-1]["stacktrace"]["frames"]]
+    assert frames[-2:] == ["get_reco", "recommend"], frames
+    assert access_line(guarded, path)["trace"]["id"] == event["contexts"]["trace"]["trace_id"]
+
+
+def test_no_secret_reaches_sentry(guarded, sentry):
+    assert sentry.envelopes
+    for envelope in sentry.envelopes:
+        assert TOKEN.encode() not in envelope["raw"]
+        assert "authorization" not in {k.lower() for k in envelope["headers"]}
+        for event in envelope["items"]:
+            headers = {k.lower(): v for k, v in event.get("request", {}).get("headers", {}).items()}
+            assert headers.get("authorization") in (None, "[Filtered]"), headers
+
+
+def test_one_ecs_line_per_request(open_service):
+    before = len(open_service.log_lines())
+    get(open_service.url + "/reco/popular/3")
+    get(open_service.url + "/health")
+    time.sleep(0.3)
+    new = open_service.log_lines()[before:]
+    assert [l["message"] for l in new] == ["GET /reco/popular/3 200", "GET /health 200"], new
+    line = new[0]
+    assert line["log.level"] == "info" and line["ecs.version"] and line["@timestamp"]
+    assert line["http"] == {"request": {"method": "GET"}, "response": {"status_code": 200}} and line["url"]["path"] == "/reco/popular/3"
+    assert line["event"]["duration"] > 0 and line["reco"] == {"model_name": "popular", "user_id": 3} and len(line["trace"]["id"]) == 32
+    assert not any(l["log"]["logger"] == "uvicorn.access" for l in open_service.log_lines())
+
+
+# --- start-up -----------------------------------------------------------------------------------------------------
+
+def test_corrupted_export_stops_start_up_with_one_message_naming_the_file(export_dir, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(export_dir, tmp_path / "models")
+    path = broken / "knn" / "topk.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ServiceFailed) as failed:
+        with live_service(broken, log=tmp_path / "serve.log"):
+            pass
+    lines = [json.loads(l) for l in (tmp_path / "serve.log").read_text().splitlines() if l.startswith("{")]
+    errors = [l for l in lines if l["log.level"] == "error"]
+    assert [l["message"] for l in errors][-1] == "Application startup failed. Exiting."
+    assert len(errors) == 2 and str(path) in errors[0]["message"] and "sha256" in errors[0]["message"], errors
+    assert errors[0]["error"]["type"] == "ExportError" and "Traceback" not in (tmp_path / "serve.log").read_text()
+    assert "exited with code 3" in str(failed.value)
+
+
+def test_import_loads_nothing():
+    "Importing the module reads no settings and starts no SDK; the app exists on first access; the export loads at start-up only."
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sentry_sdk, reco_lab.service.app as m\n"
+            "assert 'app' not in vars(m) and not sentry_sdk.is_initialized()\n"
+            "app = m.app\n"
+            "assert sentry_sdk.is_initialized() and not hasattr(app.state, 'export')\n"
+            "print('ok')")
+    env = {**os.environ, "RECO_LAB_MODELS_DIR": "/nonexistent", "SENTRY_DSN": f"http://key@127.0.0.1:{free_port()}/1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# --- fuzzing over the OpenAPI schema ------------------------------------------------------------------------------
+
+def test_fuzz_openapi_no_5xx(open_service):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(open_service.url + "/openapi.json")
+    statuses = []
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(mode))
+        def check(case):
+            response = case.call(base_url=open_service.url, timeout=10)
+            statuses.append(response.status_code)
+            assert response.status_code < 500, (case.formatted_path, response.status_code, response.text)
+            if response.status_code >= 400:
+                error_key(response.json())
+
+        check()
+    assert len(statuses) >= 50 and 200 in statuses
