@@ -77,6 +77,7 @@ class Stack:
     s3_key: str = ""
     s3_secret: str = ""
     bucket: str = DEFAULT_BUCKET
+    workers: int = 2  # mlflow server's worker processes
     mlflow_config: str = ""  # what the running mlflow server was started with (see `mlflow_config`)
     procs: dict[str, list[float]] = field(default_factory=dict)  # name -> [pid, create_time]
 
@@ -384,16 +385,16 @@ def stop_s3(stack: Stack) -> None:
 def mlflow_config(stack: Stack) -> str:
     "Everything `mlflow server` is started with; when it changes, `up` restarts the server."
     return json.dumps([stack.backend_uri, stack.s3_endpoint, stack.s3_key, stack.s3_secret, stack.bucket,
-                       stack.host, stack.mlflow_port])
+                       stack.host, stack.mlflow_port, stack.workers])
 
-def start_mlflow(stack: Stack, timeout: float = 240, workers: int = 2) -> None:
+def start_mlflow(stack: Stack, timeout: float = 240) -> None:
     "Start `mlflow server` on the stack's database and bucket and wait for its /health."
     if port_in_use(stack.mlflow_port, stack.tracking_uri.split("//")[1].rsplit(":", 1)[0]):
         raise StackError(f"port {stack.mlflow_port} is already taken by another program: pass `--port N` "
                          "(or `--port 0` for any free port)")
     log = stack.dir / "logs" / "mlflow.log"
     cmd = [tool("mlflow"), "server", "--artifacts-destination", f"s3://{stack.bucket}",
-           "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", str(workers)]
+           "--host", stack.host, "--port", str(stack.mlflow_port), "--workers", str(stack.workers)]
     env = {"MLFLOW_BACKEND_STORE_URI": stack.backend_uri, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint,
            "AWS_ACCESS_KEY_ID": stack.s3_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret, "AWS_DEFAULT_REGION": "us-east-1"}
     proc = spawn(cmd, log, env)
@@ -438,12 +439,13 @@ def healthy(stack: Stack, name: str) -> bool:
 
 def stack_up(folder: str | Path | None = None, *, port: int | None = None, host: str | None = None,
              s3_endpoint: str | None = None, s3_key: str | None = None, s3_secret: str | None = None,
-             bucket: str | None = None, timeout: float = 240) -> Stack:
+             bucket: str | None = None, workers: int | None = None, timeout: float = 240) -> Stack:
     "Start (or find running) PostgreSQL, S3 and `mlflow server` for the stack in `folder`; return it."
     folder = Path(folder or stack_dir()).expanduser().resolve()
     with locked(folder):
         stack = Stack.load(folder) or Stack(folder)
-        wanted = {"host": host or stack.host, "bucket": bucket or stack.bucket, "mlflow_port": stack.mlflow_port}
+        wanted = {"host": host or stack.host, "bucket": bucket or stack.bucket, "workers": workers or stack.workers,
+                  "mlflow_port": stack.mlflow_port}
         if port:
             wanted["mlflow_port"] = port
         elif port == 0 and not healthy(stack, "mlflow"):
@@ -536,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--s3-key", default=None)
     up.add_argument("--s3-secret", default=None)
     up.add_argument("--bucket", default=None, help=f"artifact bucket (default {DEFAULT_BUCKET})")
+    up.add_argument("--workers", type=int, default=None, help="mlflow server's worker processes (default 2)")
     up.add_argument("--timeout", type=float, default=240, help="seconds to wait for mlflow server (first start migrates)")
     down = sub.add_parser("down", help="stop every process of the stack (data is kept)")
     down.add_argument("--purge", action="store_true", help="also delete the database, the saved bucket and the state")
@@ -546,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             started = time.monotonic()
             stack = stack_up(folder, port=args.port, host=args.host, s3_endpoint=args.s3_endpoint,
-                             s3_key=args.s3_key, s3_secret=args.s3_secret, bucket=args.bucket, timeout=args.timeout)
+                             s3_key=args.s3_key, s3_secret=args.s3_secret, bucket=args.bucket, workers=args.workers,
+                             timeout=args.timeout)
             print(format_status(stack_status(folder)))
             print(f"# up in {time.monotonic() - started:.1f} s; state in {stack.dir}", file=sys.stderr)
             print(f"export MLFLOW_TRACKING_URI={stack.tracking_uri}")

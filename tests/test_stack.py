@@ -1,0 +1,264 @@
+"""The local tracking stack for real: PostgreSQL 15, moto's S3 server and `mlflow server`, started by the tests.
+
+One stack serves the module (its first start migrates a new database, ~15 s); each test says what it leaves
+running. The fixture stops everything and checks that no process is left behind.
+"""
+import os
+import pickle
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from reco_lab import stack as st
+from reco_lab.tracking import TrackingUnavailable, check_tracking, tracked_run
+
+from conftest import ROOT, run, tool
+
+pytestmark = pytest.mark.skipif(os.environ.get("RECO_LAB_SKIP_STACK") == "1", reason="RECO_LAB_SKIP_STACK=1")
+
+
+def leftovers(stack: st.Stack) -> list[str]:
+    "Processes of this stack still alive: recorded pids, or anything whose command line names its folders."
+    marks = [str(stack.dir), stack.pg_root or str(stack.dir)]
+    if stack.s3_port:
+        marks.append(f"-p {stack.s3_port}")
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmd for m in marks):
+                found.append(f"{p.pid} {cmd[:120]}")
+        except psutil.Error:
+            pass
+    for name in stack.procs:
+        if st.process(stack, name) is not None:
+            found.append(f"{name} pid {stack.procs[name][0]}")
+    return found
+
+
+def free_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="reco-lab-stack-"))
+
+
+@pytest.fixture(scope="module")
+def stack():
+    folder = free_folder()
+    started = time.monotonic()
+    try:
+        s = st.stack_up(folder, port=0, workers=1)  # one worker: enough here, and half the start-up CPU
+        print(f"stack up in {time.monotonic() - started:.1f} s: {s.tracking_uri}")
+        yield s
+    finally:
+        final = st.Stack.load(folder)
+        st.stack_down(folder, purge=True)
+        if final is not None:
+            assert leftovers(final) == [], "processes outlived `down`"
+            assert not Path(final.pg_root).exists() and not folder.exists()
+
+
+@pytest.fixture
+def uri(stack, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.tracking_uri)
+    return stack.tracking_uri
+
+
+def refresh(stack: st.Stack) -> None:
+    "Make the fixture's object what `stack.json` now says."
+    stack.__dict__.update(st.Stack.load(stack.dir).__dict__)
+
+
+def query(stack: st.Stack, sql: str, *args) -> list[tuple]:
+    conn = st.connect(stack)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_up_again_changes_nothing_and_the_cli_reports_it(stack):
+    before = dict(stack.procs)
+    done = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "up"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"export MLFLOW_TRACKING_URI={stack.tracking_uri}"
+    assert st.Stack.load(stack.dir).procs == before
+    status = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "status"])
+    assert status.returncode == 0 and status.stdout.count("running") == 3, status.stdout
+
+
+def test_a_run_lands_in_postgres_and_its_artifact_in_the_bucket(stack, uri):
+    model = {"factors": list(range(5000))}
+    with tracked_run("als", {"factors": 8, "epochs": 4}, dataset="stack-test", splitter="last_n",
+                     key_params=("factors",), notebook="tests/test_stack.py") as r:
+        for fold in range(3):
+            with r.timer():
+                for epoch in range(4):
+                    r.curves.log(f"loss_fold_{fold}", 1.0 / (epoch + 1), epoch)
+            r.log_fold(fold, {"map_at_10": 0.01 * (fold + 1), "recall_at_10": 0.1})
+        r.log_model(model)
+        r.log_summary()
+
+    (name, status, experiment), = query(stack, "SELECT r.name, r.status, e.name FROM runs r JOIN experiments e "
+                                               "USING (experiment_id) WHERE r.run_uuid = %s", r.run_id)
+    assert name.startswith("als_") and status == "FINISHED" and experiment == "candidates"
+    params = dict(query(stack, "SELECT key, value FROM params WHERE run_uuid = %s", r.run_id))
+    assert params == {"model": "als", "factors": "8", "epochs": "4"}
+    by_fold = query(stack, "SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'map_at_10_by_fold' ORDER BY step", r.run_id)
+    assert [(s, round(v, 3)) for s, v in by_fold] == [(0, 0.01), (1, 0.02), (2, 0.03)]
+    loss = query(stack, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss_fold_2' ORDER BY step", r.run_id)
+    assert [s for s, in loss] == [0, 1, 2, 3]
+    latest = dict(query(stack, "SELECT key, value FROM latest_metrics WHERE run_uuid = %s", r.run_id))
+    assert {"map_at_10", "map_at_10_std", "fit_time_s", "model_size_mb"} <= set(latest)
+
+    keys = [k for k in st.bucket_keys(stack) if r.run_id in k]
+    assert len(keys) == 1 and keys[0].endswith(f"{r.run_id}/artifacts/model/model.pkl")
+    body = st.s3_client(stack).get_object(Bucket=stack.bucket, Key=keys[0])["Body"].read()
+    assert pickle.loads(body) == model
+
+    client = MlflowClient(uri)
+    client.create_registered_model("stack_test")
+    version = client.create_model_version("stack_test", f"runs:/{r.run_id}/model", run_id=r.run_id)
+    client.set_registered_model_alias("stack_test", "champion", version.version)
+    rows = query(stack, "SELECT v.run_id, a.alias FROM model_versions v JOIN registered_model_aliases a "
+                        "ON a.name = v.name AND a.version = v.version WHERE v.name = 'stack_test'")
+    assert rows == [(r.run_id, "champion")]
+
+
+def test_a_stopped_server_stops_a_run_before_any_training(stack, uri, tmp_path):
+    st.stop_mlflow(stack)
+    stack.save()
+    try:
+        with pytest.raises(TrackingUnavailable, match=r"is not reachable .*`reco-lab tracking up`"):
+            check_tracking(uri, timeout=2)
+        trained = []
+        with pytest.raises(TrackingUnavailable):
+            with tracked_run("popular", {}, dataset="stack-test", splitter="last_n"):
+                trained.append(1)
+        assert trained == []
+        status = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "status"])
+        assert status.returncode == 3 and "mlflow    stopped" in status.stdout, status.stdout
+        study = run([tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "runs"),
+                     "--reports-dir", str(tmp_path / "reports")], env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+        assert study.returncode != 0 and "Traceback" not in study.stderr, study.stderr
+        assert study.stderr.strip().splitlines() == [f"reco-lab run: {check_error(uri)}"]
+        assert not (tmp_path / "runs").exists()  # nothing was executed
+    finally:
+        kept = {k: stack.procs[k] for k in ("postgres", "s3")}
+        st.stack_up(stack.dir)  # only the server comes back
+        refresh(stack)
+        assert {k: stack.procs[k] for k in ("postgres", "s3")} == kept
+
+
+def check_error(uri: str) -> str:
+    try:
+        check_tracking(uri, timeout=2)
+    except TrackingUnavailable as e:
+        return str(e)
+    raise AssertionError(f"{uri} answered")
+
+
+def test_postgres_restarted_mid_run_the_run_finishes_with_every_metric(stack, uri):
+    """PostgreSQL restarts while a run logs a metric every 50 ms. The MLflow client retries what the server
+    could not store (HTTP 5xx) and the server's pool reconnects, so the run ends FINISHED with every step."""
+    steps, restarted = 60, threading.Event()
+
+    def restart():
+        time.sleep(0.5)
+        st.stop_postgres(stack)
+        time.sleep(1.0)  # the database is really gone for a while
+        st.start_postgres(stack)
+        restarted.set()
+
+    old_pid = stack.procs["postgres"][0]
+    with tracked_run("knn", {"k": 10}, dataset="stack-test", splitter="last_n") as r:
+        worker = threading.Thread(target=restart)
+        worker.start()
+        for step in range(steps):
+            r.curves.log("loss_fold_0", 1.0 / (step + 1), step)
+            r.curves.flush()
+            time.sleep(0.05)
+        worker.join()
+    assert restarted.is_set() and stack.procs["postgres"][0] != old_pid
+    stack.save()
+    (status,), = query(stack, "SELECT status FROM runs WHERE run_uuid = %s", r.run_id)
+    logged = query(stack, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss_fold_0' ORDER BY step", r.run_id)
+    assert status == "FINISHED" and [s for s, in logged] == list(range(steps))
+
+
+def test_down_leaves_no_process_and_up_brings_back_runs_and_artifacts(stack, uri):
+    with tracked_run("popular", {"depth": 10}, dataset="stack-test", splitter="last_n") as r:
+        r.log_fold(0, {"map_at_10": 0.5})
+        r.log_model([1, 2, 3])
+    started = time.monotonic()
+    st.stack_down(stack.dir)
+    down_s = time.monotonic() - started
+    assert leftovers(stack) == []
+    assert not any(st.port_in_use(p) for p in (stack.pg_port, stack.s3_port, stack.mlflow_port))
+    status = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "status"])
+    assert status.returncode == 3 and status.stdout.count("stopped") == 3, status.stdout
+
+    started = time.monotonic()
+    st.stack_up(stack.dir)
+    up_s = time.monotonic() - started
+    refresh(stack)
+    print(f"down in {down_s:.1f} s, up again (no migration) in {up_s:.1f} s")
+    client = MlflowClient(uri)
+    assert client.get_run(r.run_id).data.metrics["map_at_10_by_fold"] == 0.5
+    local = client.download_artifacts(r.run_id, "model/model.pkl", tempfile.mkdtemp())
+    assert pickle.loads(Path(local).read_bytes()) == [1, 2, 3]
+
+
+@pytest.fixture
+def external_s3():
+    "A MinIO stand-in the stack did not start: a moto server of the test's own."
+    port = st.free_port()
+    log = Path(tempfile.mkdtemp()) / "external.log"
+    proc = st.spawn([st.tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)], log)
+    try:
+        st.wait_http(f"http://127.0.0.1:{port}/moto-api/", 60, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        st.kill_tree(psutil.Process(proc.pid))
+
+
+@pytest.mark.skipif(os.environ.get("RECO_LAB_SKIP_STUDY") == "1", reason="RECO_LAB_SKIP_STUDY=1")
+def test_the_quick_study_logs_into_the_stack_and_registers_the_champion(stack, uri, tmp_path):
+    done = run([tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "runs"),
+                "--reports-dir", str(tmp_path / "reports")], env={"MLFLOW_TRACKING_URI": uri}, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = query(stack, "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id) "
+                        "WHERE NOT EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'dataset' "
+                        "AND t.value = 'stack-test')")
+    assert {name for _, _, name in runs} >= {"candidates", "ranker"}
+    finished = [rid for rid, status, _ in runs if status == "FINISHED"]
+    params = query(stack, "SELECT count(*) FROM params WHERE run_uuid = ANY(%s)", finished)[0][0]
+    stepped = query(stack, "SELECT count(DISTINCT step) FROM metrics WHERE run_uuid = ANY(%s) AND key LIKE 'loss%%'", finished)[0][0]
+    assert params > 0 and stepped > 1
+    champion = MlflowClient(uri).get_model_version_by_alias("reco_lab", "champion")
+    assert champion.run_id in finished
+    assert any(champion.run_id in k for k in st.bucket_keys(stack))
+
+
+def test_an_external_s3_endpoint_replaces_moto(stack, uri, external_s3, monkeypatch):
+    """Last in the module: the stack moves to a MinIO stand-in (its PostgreSQL stays, so no new migration)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio-user")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "minio-password")
+    local = stack.procs["s3"]
+    done = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "up", "--s3-endpoint", external_s3,
+                "--bucket", "artifacts"], timeout=300)
+    assert done.returncode == 0, done.stderr
+    refresh(stack)
+    assert "s3" not in stack.procs and stack.external_s3 and "external" in done.stdout
+    assert not psutil.pid_exists(local[0]) or st.process(st.Stack(stack.dir, procs={"s3": local}), "s3") is None
+    with tracked_run("popular", {}, dataset="stack-test", splitter="last_n") as r:
+        r.log_model({"top": [1, 2]})
+    keys = [k for k in st.bucket_keys(stack) if r.run_id in k]
+    assert stack.bucket == "artifacts" and len(keys) == 1 and keys[0].endswith("model/model.pkl")
+    st.stack_down(stack.dir)
+    assert leftovers(stack) == [] and any(r.run_id in k for k in st.bucket_keys(stack))  # the external store keeps its data
