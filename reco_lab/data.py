@@ -6,7 +6,7 @@
 __all__ = ['ML100K_WHEEL', 'ML100K_MEMBER', 'ML100K_SHA256', 'KION_COLUMNS', 'KION_USER_FEATURES', 'KION_ITEM_FEATURES', 'GENRES',
            'COUNTRIES', 'AGES', 'INCOMES', 'START', 'DataError', 'RecoData', 'features_long', 'build_dataset',
            'data_dir', 'sha256', 'ml100k_files', 'load_movielens_100k', 'load_kion', 'make_synthetic', 'write_kion',
-           'load_data']
+           'parse_dataset', 'load_data']
 
 # %% ../nbs/01_data.ipynb #f49b3cc0
 import reco_lab.core  # noqa: F401  (single-threaded BLAS before numpy loads)
@@ -349,17 +349,32 @@ def write_kion(data: RecoData, folder: str | Path) -> Path:
     return folder
 
 # %% ../nbs/01_data.ipynb #cdb39cca
-def load_data(spec: str, seed: int = 0) -> RecoData:
-    "Load a dataset by name: `ml-100k`, `kion:<dir>` or `synthetic:<n_users>`."
+def parse_dataset(spec: str) -> tuple[str, str]:
+    "Check a dataset name without loading it: (`ml-100k`|`kion`|`synthetic`, argument); DataError if it cannot be loaded."
     kind, _, arg = spec.partition(":")
     if kind == "ml-100k" and not arg:
-        return load_movielens_100k()
+        return kind, arg
     if kind == "kion" and arg:
-        return load_kion(arg)
+        folder = Path(arg).expanduser()
+        if missing := [name for name in KION_COLUMNS if not (folder / name).is_file()]:
+            raise DataError(f"dataset {spec!r}: {', '.join(missing)} not found in {folder}")
+        return kind, arg
     if kind == "synthetic" and arg:
         try:
             n_users = int(arg.replace("_", ""))
         except ValueError:
             raise DataError(f"dataset {spec!r}: the number of users {arg!r} is not an integer") from None
-        return make_synthetic(n_users, max(500, n_users * 15 // 1000), int(n_users * 5.5), seed=seed)
+        if n_users < 100:
+            raise DataError(f"dataset {spec!r}: at least 100 users are needed for folds")
+        return kind, str(n_users)
     raise DataError(f"unknown dataset {spec!r}: use ml-100k, kion:<dir> or synthetic:<n_users>")
+
+def load_data(spec: str, seed: int = 0) -> RecoData:
+    "Load a dataset by name: `ml-100k`, `kion:<dir>` or `synthetic:<n_users>`."
+    kind, arg = parse_dataset(spec)
+    if kind == "ml-100k":
+        return load_movielens_100k()
+    if kind == "kion":
+        return load_kion(arg)
+    n_users = int(arg)
+    return make_synthetic(n_users, max(500, n_users * 15 // 1000), int(n_users * 5.5), seed=seed)

@@ -28,6 +28,7 @@ MODEL_MODULES = {
     "knn": "reco_lab.models.baselines",
     "als": "reco_lab.models.als",
     "lightfm": "reco_lab.models.lightfm",
+    "ranker": "reco_lab.models.ranker",
 }
 
 def model_module(name: str):
@@ -38,7 +39,10 @@ def model_module(name: str):
 
 def make_model(name: str, params: dict[str, Any]) -> ModelBase:
     "The unfitted candidate model `name` for hyper-parameters `params` (as logged in MLflow: strings are fine)."
-    return model_module(name).make_model(params)
+    module = model_module(name)
+    if not hasattr(module, "make_model"):
+        raise ValueError(f"{name} is not a single model: build it with {module.__name__}'s own constructor")
+    return module.make_model(params)
 
 def prepare(name: str, dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The dataset view model `name` trains on."

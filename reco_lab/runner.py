@@ -134,7 +134,10 @@ def run_study(dataset: str = "ml-100k", *, only: list[str] | None = None, grid: 
               output_dir: str | Path | None = None, quick: bool = False, extra: dict[str, Any] | None = None,
               log: Callable[[str], None] = print) -> Study:
     "Run the study's notebooks with papermill; each executed copy and its HTML go to `output_dir`."
-    client = check_tracking()  # a tracking store that is down stops us here, before any training
+    from reco_lab.data import parse_dataset
+
+    parse_dataset(dataset)  # a bad dataset name or a missing Kion file stops us here
+    client = check_tracking()  # so does a tracking store that is down, before any training
     jobs = plan(only, grid)
     study_id = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(output_dir or project_root() / "reports" / "runs" / study_id)

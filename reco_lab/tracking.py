@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'MODELS', 'BATCH', 'TrackingUnavailable', 'local_store', 'tracking_uri', 'experiment_name',
            'check_tracking', 'get_experiment_id', 'run_name', 'git_commit', 'EpochLogger', 'Run', 'tracked_run',
-           'search_runs']
+           'runs_frame', 'search_runs']
 
 # %% ../nbs/03_tracking.ipynb #42711f7e
 import reco_lab.core  # noqa: F401
@@ -218,19 +218,36 @@ def tracked_run(model: str, params: dict[str, Any], *, dataset: str, splitter: s
     client.set_terminated(run_id, "FINISHED")
 
 # %% ../nbs/03_tracking.ipynb #eae1e9d0
+def runs_frame(runs) -> "pd.DataFrame":
+    "MLflow runs as a DataFrame with `mlflow.search_runs`' columns: run_id, artifact_uri, metrics.*, params.*, tags.*."
+    import pandas as pd
+
+    rows = []
+    for r in runs:
+        row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "status": r.info.status,
+               "artifact_uri": r.info.artifact_uri, "start_time": pd.to_datetime(r.info.start_time, unit="ms"),
+               "end_time": pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else pd.NaT}
+        row |= {f"metrics.{k}": v for k, v in r.data.metrics.items()}
+        row |= {f"params.{k}": v for k, v in r.data.params.items()}
+        row |= {f"tags.{k}": v for k, v in r.data.tags.items()}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
 def search_runs(experiment: str = "candidates", *, dataset: str | None = None, splitter: str | None = None,
                 model: str | None = None, uri: str | None = None, order_by: str = "metrics.map_at_10 DESC"):
-    "Finished runs of an experiment as a DataFrame (MLflow's `search_runs`), best first, filtered by tags."
-    import mlflow
-
+    "Finished runs of an experiment as a DataFrame, best first, filtered by tags (through the client: no global URI)."
     client = check_tracking(uri)
     found = client.get_experiment_by_name(experiment_name(experiment))
     if found is None:
-        import pandas as pd
-        return pd.DataFrame()
+        return runs_frame([])
     filters = ["attributes.status = 'FINISHED'"]
     for tag, value in (("dataset", dataset), ("splitter", splitter), ("model", model)):
         if value is not None:
             filters.append(f"tags.{tag} = '{value}'")
-    mlflow.set_tracking_uri(client.tracking_uri)
-    return mlflow.search_runs([found.experiment_id], filter_string=" and ".join(filters), order_by=[order_by])
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], " and ".join(filters), order_by=[order_by], max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs_frame(runs)
