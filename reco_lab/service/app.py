@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import sentry_sdk
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -89,22 +89,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     add_error_handlers(app)
     app.add_middleware(AccessLog)
-    guarded = [Depends(check_token)]
+    guarded = [Depends(check_token)] if settings.api_token else []  # no token, no dependency to solve per request
 
-    @app.get("/health")
-    async def health() -> str:
-        return "I am alive"
+    # the router tries routes in order: the hot one first
+    @app.get("/reco/{model_name}/{user_id}", dependencies=guarded, response_model=RecoResponse)
+    async def get_reco(request: Request, model_name: str, user_id: int) -> Response:
+        sentry_sdk.set_tags({"model_name": model_name, "user_id": user_id})
+        settings = request.app.state.settings
+        items = recommend(request.app.state.export, model_name, user_id, settings.k_recs, settings.emulate_errors)
+        # validated once when built, encoded by pydantic; FastAPI would validate the model again before encoding it
+        return Response(RecoResponse(user_id=user_id, items=items).model_dump_json(), media_type="application/json")
 
     @app.get("/models", dependencies=guarded)
     async def models(request: Request) -> ModelsResponse:
         return ModelsResponse(models=request.app.state.export.models)
 
-    @app.get("/reco/{model_name}/{user_id}", dependencies=guarded)
-    async def get_reco(request: Request, model_name: str, user_id: int) -> RecoResponse:
-        sentry_sdk.set_tags({"model_name": model_name, "user_id": user_id})
-        settings = request.app.state.settings
-        items = recommend(request.app.state.export, model_name, user_id, settings.k_recs, settings.emulate_errors)
-        return RecoResponse(user_id=user_id, items=items)
+    @app.get("/health")
+    async def health() -> str:
+        return "I am alive"
 
     return app
 
