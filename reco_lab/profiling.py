@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['Stacks', 'LAYERS', 'JSON_LAYER', 'MARKERS', 'RELOADER_FRAMES', 'DISPATCH', 'COLOURS', 'parse_collapsed', 'frame_file',
            'layer', 'function_name', 'profile_stats', 'flamegraph_svg', 'speedscope_json', 'TargetProfile', 'py_spy',
-           'record_target', 'profile_service', 'interpret', 'comparison', 'comparison_chart', 'profiles_report', 'main']
+           'record_target', 'profile_service', 'interpret', 'before_after', 'comparison', 'comparison_chart',
+           'profiles_report', 'main']
 
 # %% ../nbs/40_profiling.ipynb #c6091df7
 import reco_lab.core  # noqa: F401
@@ -254,6 +255,34 @@ def interpret(p: TargetProfile, health: TargetProfile | None) -> list[str]:
     return out
 
 # %% ../nbs/40_profiling.ipynb #44e486bd
+def before_after(profiles: list[TargetProfile], before: dict) -> list[str]:
+    "Markdown lines comparing `profiles` with an earlier run's profiles.json (same targets), generated from the figures."
+    old = {t["target"]: t for t in before["targets"]}
+    new = {p.target: p for p in profiles}
+    common = [t for t in new if t in old]
+    if "health" not in common or len(common) < 2:
+        return []
+    fapi = "FastAPI/Starlette/pydantic"
+    lines = ["| target | CPU ms/request before | after | FastAPI layer ms before | after | req/s vs /health before | after |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for t in common:
+        o, n = old[t], new[t]
+        lines.append(f"| `{n.path}` | {o['cpu_ms_per_request']:.3f} | {n.cpu_ms_per_request:.3f} | "
+                     f"{o['layers'][fapi] * o['cpu_ms_per_request']:.3f} | {n.stats['layers'][fapi] * n.cpu_ms_per_request:.3f} | "
+                     f"{o['load']['rps'] / old['health']['load']['rps']:.2f} | {n.load.rps / new['health'].load.rps:.2f} |")
+    reco = [t for t in common if t != "health"]
+    extra = lambda run, get: sum(get(run, t) - get(run, "health") for t in reco) / len(reco)  # noqa: E731
+    fa_old = extra(old, lambda r, t: r[t]["layers"][fapi] * r[t]["cpu_ms_per_request"])
+    fa_new = extra(new, lambda r, t: r[t].stats["layers"][fapi] * r[t].cpu_ms_per_request)
+    ratio_old = sum(old[t]["load"]["rps"] for t in reco) / len(reco) / old["health"]["load"]["rps"]
+    ratio_new = sum(new[t].load.rps for t in reco) / len(reco) / new["health"].load.rps
+    lines += ["", f"On average over the {len(reco)} `/reco` targets, FastAPI's extra time over `/health` went from {fa_old:.3f} to "
+              f"{fa_new:.3f} ms per request, and the throughput relative to `/health` from {ratio_old:.2f}x to {ratio_new:.2f}x "
+              f"(before: {before.get('commit', 'an earlier run')}). Differences of a few hundredths of a millisecond are within "
+              "the noise of a shared 2-CPU machine; the table shows single runs."]
+    return lines
+
+# %% ../nbs/40_profiling.ipynb #b233b0f3
 def comparison(profiles: list[TargetProfile]) -> pd.DataFrame:
     "Targets side by side: load figures, samples, CPU per request and its split by layer (ms per request)."
     rows = []
@@ -313,7 +342,7 @@ def profiles_report(profiles: list[TargetProfile], meta: dict) -> str:
                   *[f"| `{a}` | {x:.1%} | `{b}` | {y:.1%} |" for (a, x), (b, y) in zip(p.stats["top_self"], p.stats["top_total"])], ""]
     return "\n".join(lines)
 
-# %% ../nbs/40_profiling.ipynb #c55df4c7
+# %% ../nbs/40_profiling.ipynb #f7d206d5
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab profile`: execute nbs/40_profiling.ipynb through papermill, writing reports/profiling/."
     import papermill
