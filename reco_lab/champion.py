@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['all_runs', 'select_champion', 'best_runs_per_model', 'register_champion', 'load_run_model', 'topk_matrix',
-           'data_checksum', 'seen_csr', 'build_export', 'fetch_champion_export']
+           'data_checksum', 'seen_csr', 'export_models', 'build_export', 'fetch_champion_export']
 
 # %% ../nbs/20_select_champion.ipynb #f925d3f7
 import reco_lab.core  # noqa: F401
@@ -95,26 +95,34 @@ def seen_csr(data: RecoData, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(users)))])
     return indptr, inter[Columns.Item].to_numpy()
 
-def build_export(data: RecoData, runs: dict[str, pd.Series], champion: pd.Series, folder: str | Path, *, depth: int = 30,
-                 version: ModelVersion | None = None, uri: str | None = None, log=print) -> Path:
-    "Precompute every served model's top-k for all known users and write the checksummed export."
+def export_models(data: RecoData, models: dict[str, tuple[ModelBase, Any]], folder: str | Path, *, depth: int = 30,
+                  meta: dict[str, Any] | None = None, log=print) -> Path:
+    "Precompute each fitted `(model, dataset)`'s top-`depth` for all known users and write the checksummed export."
     users = np.sort(data.interactions[Columns.User].unique())
     topk = {}
+    for name, (model, dataset) in models.items():
+        topk[name] = topk_matrix(model, dataset, users, depth)
+        log(f"{name}: {(topk[name] >= 0).sum(axis=1).mean():.1f} items per user on average")
+    popular = data.interactions.groupby(Columns.Item)[Columns.User].nunique().sort_values(ascending=False, kind="stable")
+    meta = {"dataset": data.name, "data_checksum": data_checksum(data), "n_items": int(data.interactions[Columns.Item].nunique()), **(meta or {})}
+    return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular.index.to_numpy()[: max(depth, 100)], meta=meta)
+
+def build_export(data: RecoData, runs: dict[str, pd.Series], champion: pd.Series, folder: str | Path, *, depth: int = 30,
+                 version: ModelVersion | None = None, uri: str | None = None, log=print) -> Path:
+    "Export the model artifacts of the given runs (the best per served model), with the champion in the manifest."
+    models = {}
     for name, run in runs.items():
         params = {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.") and isinstance(v, str)}
-        model = load_run_model(run["run_id"], uri)
-        topk[name] = topk_matrix(model, prepare(name, data.dataset, params), users, depth)
-        log(f"{name}: run {run['tags.mlflow.runName']}, {int((topk[name] >= 0).sum(axis=1).mean())} items per user on average")
-    popular = data.interactions.groupby(Columns.Item)[Columns.User].nunique().sort_values(ascending=False, kind="stable")
+        models[name] = (load_run_model(run["run_id"], uri), prepare(name, data.dataset, params))
+        log(f"{name}: run {run['tags.mlflow.runName']}")
     meta = {
-        "dataset": data.name, "data_checksum": data_checksum(data), "n_items": int(data.interactions[Columns.Item].nunique()),
         "champion": {"model": champion["tags.model"], "run_id": champion["run_id"], "run_name": champion["tags.mlflow.runName"],
                      "map_at_10": float(champion["metrics.map_at_10"]), "registered_model": version.name if version else None,
                      "version": str(version.version) if version else None, "alias": "champion" if version else None},
         "models": {name: {"run_id": run["run_id"], "run_name": run["tags.mlflow.runName"],
                           "map_at_10": float(run["metrics.map_at_10"])} for name, run in runs.items()},
     }
-    return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular.index.to_numpy()[: max(depth, 100)], meta=meta)
+    return export_models(data, models, folder, depth=depth, meta=meta, log=log)
 
 def fetch_champion_export(dest: str | Path, name: str = "reco_lab", uri: str | None = None) -> Path:
     "Download the `export/` artifact of the run behind `<name>@champion` into `dest` (for a service on another host)."

@@ -99,16 +99,19 @@ class RankerFeatures(CandidateFeatureCollector):
 
 # %% ../../nbs/13_catboost_pointwise.ipynb #77ef88aa
 class PositiveUsersSampler(NegativeSamplerBase):
-    "Keep every candidate of the users with at least one positive; optionally at most `n_negatives` negatives each."
+    "Every candidate of the users with at least one positive (at most `max_users` of them, `n_negatives` negatives each)."
 
-    def __init__(self, n_negatives: int | None = None, random_state: int = 0):
-        self.n_negatives, self.random_state = n_negatives, random_state
+    def __init__(self, n_negatives: int | None = None, max_users: int = 0, random_state: int = 0):
+        self.n_negatives, self.max_users, self.random_state = n_negatives, max_users, random_state
 
     def sample_negatives(self, train: pd.DataFrame) -> pd.DataFrame:
         has_pos = train.groupby(Columns.User)[Columns.Target].transform("max") > 0
         train = train[has_pos]
+        rng = np.random.default_rng(self.random_state)
+        if self.max_users and train[Columns.User].nunique() > self.max_users:
+            keep = rng.choice(train[Columns.User].unique(), self.max_users, replace=False)
+            train = train[train[Columns.User].isin(keep)]
         if self.n_negatives is not None:
-            rng = np.random.default_rng(self.random_state)
             order = train.assign(_r=rng.random(len(train))).groupby(Columns.User)["_r"].rank(method="first")
             train = train[(train[Columns.Target] == 1) | (order <= self.n_negatives)]
         return train.reset_index(drop=True)
@@ -168,8 +171,8 @@ def make_ranker(first_model: str, first_params: dict[str, Any], data: RecoData, 
     reranker = EvalSetCatBoostReranker(catboost, features.cat_features, features.text_features,
                                        eval_share=param(params, "eval_share", 0.2), random_state=seed)
     label_split = make_splitter(splitter, 1, last_n=param(params, "ranker_last_n", 10), window=param(params, "ranker_window", "7D"))
-    return CandidateRankingModel(generators, label_split, reranker, sampler=PositiveUsersSampler(random_state=seed),
-                                 feature_collector=features)
+    sampler = PositiveUsersSampler(max_users=param(params, "max_train_users", 0), random_state=seed)
+    return CandidateRankingModel(generators, label_split, reranker, sampler=sampler, feature_collector=features)
 
 def catboost_curves(ranker: CandidateRankingModel) -> dict[str, list[float]]:
     "CatBoost's per-iteration metrics as `learn_<metric>` / `eval_<metric>` (lower-case names)."
