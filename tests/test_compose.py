@@ -138,9 +138,14 @@ def compose_cli() -> list[str] | None:
 
 @pytest.mark.skipif(compose_cli() is None, reason="no docker compose on this machine; the checks above stand in")
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_docker_compose_accepts_each_profile(profile):
+def test_docker_compose_accepts_each_profile(profile, tmp_path):
     done = run([*compose_cli(), "--env-file", ".env.example", "--profile", profile, "config", "--quiet"], cwd=ROOT)
     assert done.returncode == 0, done.stderr
+    # without .env compose refuses to start (it interpolates the whole file, whatever the profile) and says which
+    (tmp_path / "empty.env").write_text("")
+    bare = run([*compose_cli(), "--env-file", str(tmp_path / "empty.env"), "--profile", profile, "config", "--quiet"],
+               cwd=ROOT, env={k: "" for k in env_example()})
+    assert bare.returncode != 0 and re.search(r"set [A-Z_]+PASSWORD in \.env", bare.stderr), bare.stderr
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------------------
