@@ -22,6 +22,7 @@ from html import escape
 from pathlib import Path
 
 import pandas as pd
+import psutil
 
 from .core import project_root
 from .export import load_export, models_dir as default_models_dir
@@ -174,11 +175,12 @@ class TargetProfile:
     path: str
     load: Load
     rate: int
+    cpu_s: float  # the worker's CPU time (user + system) during the load
     stats: dict = field(default_factory=dict)
 
     @property
     def cpu_ms_per_request(self) -> float:
-        return self.stats["samples"] / self.rate / max(self.load.requests, 1) * 1e3
+        return self.cpu_s / max(self.load.requests, 1) * 1e3
 
 def py_spy() -> str:
     "The py-spy executable beside this interpreter, else on PATH."
@@ -192,12 +194,15 @@ def record_target(url: str, pid: int, name: str, paths: list[str], out: Path, *,
     cmd = [py_spy(), "record", "--pid", str(pid), "--format", "raw", "--function", "--rate", str(rate),
            "--duration", str(max(1, round(seconds))), "--output", str(raw)] + (["--native"] if native else [])
     spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = psutil.Process(pid)
+    cpu = worker.cpu_times()
     load = run_load(url, paths, seconds, connections, name, tool)
+    cpu_s = sum(worker.cpu_times()[:2]) - sum(cpu[:2])
     log, _ = spy.communicate(timeout=seconds + 60)
     if spy.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed on pid {pid} (code {spy.returncode}): {log.strip()[-2000:]}")
     stacks = parse_collapsed(raw.read_text())
-    profile = TargetProfile(name, paths[0].rsplit("/", 1)[0] if name != "health" else "/health", load, rate, profile_stats(stacks))
+    profile = TargetProfile(name, paths[0].rsplit("/", 1)[0] if name != "health" else "/health", load, rate, cpu_s, profile_stats(stacks))
     (out / f"{name}.svg").write_text(flamegraph_svg(stacks, f"{profile.path}: {load.rps:.0f} req/s, {connections} connections"))
     (out / f"{name}.speedscope.json").write_text(json.dumps(speedscope_json(stacks, profile.path)))
     return profile
@@ -223,7 +228,7 @@ def profile_service(folder: str | Path | None = None, out: str | Path | None = N
     (out / "profiles.json").write_text(json.dumps({
         "export": {"folder": str(folder), "dataset": export.manifest.get("dataset"), "users": len(export.users), "models": export.models},
         "settings": {"seconds": seconds, "connections": connections, "rate": rate, "tool": tool, "native": native},
-        "targets": [{"target": p.target, "path": p.path, "load": asdict(p.load), "cpu_ms_per_request": p.cpu_ms_per_request, **p.stats}
+        "targets": [{"target": p.target, "path": p.path, "load": asdict(p.load), "cpu_s": p.cpu_s, "cpu_ms_per_request": p.cpu_ms_per_request, **p.stats}
                     for p in profiles]}, indent=1))
     return profiles
 
@@ -236,7 +241,7 @@ def interpret(p: TargetProfile, health: TargetProfile | None) -> list[str]:
     s, cpu = p.stats, p.cpu_ms_per_request
     layers = sorted(s["layers"].items(), key=lambda kv: -kv[1])
     out = [f"`{p.path}` served {p.load.rps:.0f} req/s (p50 {p.load.p50_ms:.1f} ms, p99 {p.load.p99_ms:.1f} ms) while py-spy took "
-           f"{s['samples']} samples of the worker: {_ms(cpu)} of CPU per request.",
+           f"{s['samples']} samples of the worker, which used {_ms(cpu)} of CPU per request.",
            f"The CPU goes first to {layers[0][0]} ({layers[0][1]:.0%}), then {layers[1][0]} ({layers[1][1]:.0%}) and "
            f"{layers[2][0]} ({layers[2][1]:.0%}); code of reco_lab itself runs {s['layers']['reco_lab']:.1%} of the samples.",
            f"The hottest function by self time is `{s['top_self'][0][0]}` ({s['top_self'][0][1]:.1%}); the access log line takes "
@@ -263,23 +268,22 @@ def before_after(profiles: list[TargetProfile], before: dict) -> list[str]:
     if "health" not in common or len(common) < 2:
         return []
     fapi = "FastAPI/Starlette/pydantic"
-    lines = ["| target | CPU ms/request before | after | FastAPI layer ms before | after | req/s vs /health before | after |",
+    cpu_old = {t: old[t]["cpu_ms_per_request"] for t in common}
+    cpu_new = {t: new[t].cpu_ms_per_request for t in common}
+    fa_old = {t: old[t]["layers"][fapi] * cpu_old[t] for t in common}
+    fa_new = {t: new[t].stats["layers"][fapi] * cpu_new[t] for t in common}
+    lines = ["| target | CPU ms/request before | after | FastAPI layer ms before | after | CPU vs /health before | after |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in common:
-        o, n = old[t], new[t]
-        lines.append(f"| `{n.path}` | {o['cpu_ms_per_request']:.3f} | {n.cpu_ms_per_request:.3f} | "
-                     f"{o['layers'][fapi] * o['cpu_ms_per_request']:.3f} | {n.stats['layers'][fapi] * n.cpu_ms_per_request:.3f} | "
-                     f"{o['load']['rps'] / old['health']['load']['rps']:.2f} | {n.load.rps / new['health'].load.rps:.2f} |")
+        lines.append(f"| `{new[t].path}` | {cpu_old[t]:.3f} | {cpu_new[t]:.3f} | {fa_old[t]:.3f} | {fa_new[t]:.3f} | "
+                     f"{cpu_old[t] / cpu_old['health']:.2f}x | {cpu_new[t] / cpu_new['health']:.2f}x |")
     reco = [t for t in common if t != "health"]
-    extra = lambda run, get: sum(get(run, t) - get(run, "health") for t in reco) / len(reco)  # noqa: E731
-    fa_old = extra(old, lambda r, t: r[t]["layers"][fapi] * r[t]["cpu_ms_per_request"])
-    fa_new = extra(new, lambda r, t: r[t].stats["layers"][fapi] * r[t].cpu_ms_per_request)
-    ratio_old = sum(old[t]["load"]["rps"] for t in reco) / len(reco) / old["health"]["load"]["rps"]
-    ratio_new = sum(new[t].load.rps for t in reco) / len(reco) / new["health"].load.rps
-    lines += ["", f"On average over the {len(reco)} `/reco` targets, FastAPI's extra time over `/health` went from {fa_old:.3f} to "
-              f"{fa_new:.3f} ms per request, and the throughput relative to `/health` from {ratio_old:.2f}x to {ratio_new:.2f}x "
-              f"(before: {before.get('commit', 'an earlier run')}). Differences of a few hundredths of a millisecond are within "
-              "the noise of a shared 2-CPU machine; the table shows single runs."]
+    mean = lambda d: sum(d[t] for t in reco) / len(reco)  # noqa: E731
+    lines += ["", f"Over the `/reco` targets, the worker's CPU time per request went from {mean(cpu_old):.3f} to "
+              f"{mean(cpu_new):.3f} ms on average ({mean(cpu_new) / mean(cpu_old) - 1:+.0%}), and FastAPI's share of it beyond what "
+              f"`/health` spends there from {mean(fa_old) - fa_old['health']:.3f} to {mean(fa_new) - fa_new['health']:.3f} ms "
+              f"(before: {before.get('commit', 'an earlier run')}). Requests per second of single runs on a shared machine move "
+              "with whatever else runs; the throughput ratios are measured by `reco-lab bench serve`, which alternates the targets."]
     return lines
 
 # %% ../nbs/40_profiling.ipynb #b233b0f3
@@ -323,11 +327,12 @@ def _md_table(frame: pd.DataFrame) -> str:
 def profiles_report(profiles: list[TargetProfile], meta: dict) -> str:
     "The markdown of reports/profiling/README.md."
     health = next((p for p in profiles if p.target == "health"), None)
+    load = f" (1-minute load average {meta['load']:.1f} at the end of the run)" if "load" in meta else ""
     lines = ["# Profiles of the live service", "",
              f"py-spy {meta['py_spy']} sampled the uvicorn worker of `reco-lab serve` (pid {meta.get('pid', 'of the worker')}, no reloader) "
              f"at {meta['rate']} Hz, idle samples excluded, while `{meta['tool']}` sent {meta['connections']} connections of requests "
              f"for {meta['seconds']:g} s per target (random warm users). Export: `{meta['dataset']}`, {meta['users']} users, models "
-             f"{', '.join(meta['models'])}. Machine: {meta['cpus']} CPUs shared by the load generator, py-spy and the worker. "
+             f"{', '.join(meta['models'])}. Machine: {meta['cpus']} CPUs shared by the load generator, py-spy and the worker{load}. "
              f"Regenerate with `{meta['command']}`.", "",
              "## Side by side", "", "CPU time per request (ms) by layer; `model work` is inclusive (`recommend` and below).", "",
              _md_table(comparison(profiles)), "", "![CPU per request by layer](comparison.png)", ""]

@@ -242,7 +242,8 @@ def bench_service(folder: str | Path | None = None, *, seconds: float = 5.0, con
                  for _ in range(repeats) for target, paths in targets.items()]
     export_mb = sum(f["bytes"] for f in export.manifest["files"].values()) / 2**20
     meta = {"dataset": export.manifest.get("dataset"), "users": len(export.users), "models": export.models, "tool": tool,
-            "seconds": seconds, "connections": connections, "repeats": repeats, "cpus": os.cpu_count(), "folder": str(folder)}
+            "seconds": seconds, "connections": connections, "repeats": repeats, "cpus": os.cpu_count(), "folder": str(folder),
+            "load": os.getloadavg()[0]}
     return Bench(loads, rss_mb, export_mb, meta)
 
 # %% ../../nbs/31_service_bench.ipynb #4d1a9aa5
@@ -257,7 +258,8 @@ def bench_report(bench: Bench) -> str:
         f"`reco-lab bench serve`: one uvicorn worker (`reco-lab serve`, ECS access log on, Sentry off) serving the export "
         f"of `{m['dataset']}` ({m['users']} users, models {', '.join(m['models'])}); load by `{m['tool']}`, "
         f"{m['connections']} connections, {m['seconds']:g} s per target and round, {m['repeats']} rounds with the "
-        f"targets in turn, medians reported; {m['cpus']} CPUs shared by the load generator and the server.", "",
+        f"targets in turn, medians reported; {m['cpus']} CPUs shared by the load generator and the server (1-minute load "
+        f"average {m['load']:.1f} at the end of the run, other jobs included).", "",
         _markdown_table(shown.reset_index()), "",
         f"Worker RSS with all models loaded and touched: **{bench.rss_mb:.0f} MB** (export on disk: {bench.export_mb:.1f} MB, memory-mapped).", "",
         "Target: every `/reco` at least 0.8x the req/s of `/health` and at most 2x its p99.", "",
