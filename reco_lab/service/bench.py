@@ -218,16 +218,19 @@ class Bench:
     meta: dict = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
-        "Per target: medians over the rounds of req/s, p50, p99, and the ratios to /health."
+        "Per target: medians over the rounds of req/s, p50, p99, and of the ratios to /health within each round."
         frame = pd.DataFrame([asdict(l) for l in self.loads])
-        table = frame.groupby("target", sort=False)[["rps", "p50_ms", "p99_ms", "non_2xx"]].median()
-        table["rounds"] = frame.groupby("target", sort=False).size()
-        table["rps_vs_health"] = table["rps"] / table.loc["/health", "rps"]
-        table["p99_vs_health"] = table["p99_ms"] / table.loc["/health", "p99_ms"]
+        frame["round"] = np.arange(len(frame)) // frame["target"].nunique()  # loads are stored round by round
+        health = frame[frame["target"] == "/health"].set_index("round")
+        frame["rps_vs_health"] = frame["rps"] / frame["round"].map(health["rps"])
+        frame["p99_vs_health"] = frame["p99_ms"] / frame["round"].map(health["p99_ms"])
+        columns = ["rps", "p50_ms", "p99_ms", "non_2xx", "rps_vs_health", "p99_vs_health"]
+        table = frame.groupby("target", sort=False)[columns].median()
+        table.insert(4, "rounds", frame.groupby("target", sort=False).size())
         table["meets_target"] = (table["rps_vs_health"] >= 0.8) & (table["p99_vs_health"] <= 2.0)
         return table
 
-def bench_service(folder: str | Path | None = None, *, seconds: float = 5.0, connections: int = 16, repeats: int = 3,
+def bench_service(folder: str | Path | None = None, *, seconds: float = 3.0, connections: int = 16, repeats: int = 5,
                   warmup: float = 1.0, tool: str = "auto", seed: int = 0) -> Bench:
     "Benchmark /health and every model's /reco on one live worker; medians over `repeats` rounds."
     folder = Path(folder or models_dir())
@@ -246,7 +249,7 @@ def bench_service(folder: str | Path | None = None, *, seconds: float = 5.0, con
             "load": os.getloadavg()[0]}
     return Bench(loads, rss_mb, export_mb, meta)
 
-# %% ../../nbs/31_service_bench.ipynb #4d1a9aa5
+# %% ../../nbs/31_service_bench.ipynb #4f15e178
 def bench_report(bench: Bench) -> str:
     "The benchmark as markdown: setup, per-target table, ratios, memory, verdicts."
     m = bench.meta
@@ -258,7 +261,7 @@ def bench_report(bench: Bench) -> str:
         f"`reco-lab bench serve`: one uvicorn worker (`reco-lab serve`, ECS access log on, Sentry off) serving the export "
         f"of `{m['dataset']}` ({m['users']} users, models {', '.join(m['models'])}); load by `{m['tool']}`, "
         f"{m['connections']} connections, {m['seconds']:g} s per target and round, {m['repeats']} rounds with the "
-        f"targets in turn, medians reported; {m['cpus']} CPUs shared by the load generator and the server (1-minute load "
+        f"targets in turn; medians over the rounds, ratios to /health taken within each round; {m['cpus']} CPUs shared by the load generator and the server (1-minute load "
         f"average {m['load']:.1f} at the end of the run, other jobs included).", "",
         _markdown_table(shown.reset_index()), "",
         f"Worker RSS with all models loaded and touched: **{bench.rss_mb:.0f} MB** (export on disk: {bench.export_mb:.1f} MB, memory-mapped).", "",
@@ -275,7 +278,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     rows = [list(map(str, frame.columns)), ["---"] * len(frame.columns)] + [[str(v) for v in r] for r in frame.itertuples(index=False)]
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
-# %% ../../nbs/31_service_bench.ipynb #5663e324
+# %% ../../nbs/31_service_bench.ipynb #d504acbf
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab bench serve`: benchmark the live service and write the markdown report."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -283,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     p = argparse.ArgumentParser(prog="reco-lab bench serve", description="Benchmark /health and every model's /reco on one live uvicorn worker.")
     p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
-    p.add_argument("--seconds", type=float, default=5.0, help="load per target and round (default 5)")
+    p.add_argument("--seconds", type=float, default=3.0, help="load per target and round (default 3)")
     p.add_argument("--connections", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported (default 5)")
     p.add_argument("--tool", choices=["auto", "wrk", "httpx"], default="auto", help="load generator (auto: wrk if installed)")
     p.add_argument("--output", default=str(project_root() / "reports" / "service_bench.md"), help="markdown report ('-' for stdout only)")
     args = p.parse_args(argv)
