@@ -31,7 +31,10 @@ def leftovers(stack: st.Stack) -> list[str]:
     for p in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmd for m in marks):
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            # mlflow server's workers and job consumers inherit its environment, whatever their command line
+            if any(m in cmd for m in marks) or p.environ().get("MLFLOW_BACKEND_STORE_URI") == stack.backend_uri:
                 found.append(f"{p.pid} {cmd[:120]}")
         except psutil.Error:
             pass
