@@ -16,7 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
