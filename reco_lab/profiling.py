@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="load and recording per target (default 10)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
-    p.add_argument("--tool", choices=["auto", "wrk", "httpx"], default="auto")
+    p.add_argument("--tool", choices=["auto", "wrk", "asyncio"], default="auto", help="load generator (auto: wrk if installed)")
     p.add_argument("--native", action="store_true", help="also sample native (C) frames")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['WRK_SCRIPT', 'free_port', 'serve_command', 'LiveService', 'ServiceFailed', 'live_service', 'Load', 'warm_paths',
-           'parse_wrk', 'run_wrk', 'run_httpx', 'load_tool', 'run_load', 'Bench', 'bench_service', 'bench_report',
+           'parse_wrk', 'run_wrk', 'run_asyncio', 'load_tool', 'run_load', 'Bench', 'bench_service', 'bench_report',
            'main']
 
 # %% ../../nbs/31_service_bench.ipynb #599e4f95
@@ -165,46 +165,56 @@ def run_wrk(url: str, paths: list[str], seconds: float, connections: int, target
     return Load(target, "wrk", seconds, connections, **parse_wrk(output))
 
 # %% ../../nbs/31_service_bench.ipynb #6ffb13c4
-async def _httpx_load(url: str, paths: list[str], seconds: float, connections: int) -> tuple[list[float], int]:
-    import httpx
-
+async def _asyncio_load(url: str, paths: list[str], seconds: float, connections: int) -> tuple[list[float], int]:
+    host, port = url.split("://", 1)[1].rstrip("/").rsplit(":", 1)
+    requests = [f"GET {p} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode() for p in paths]
     latencies: list[float] = []
     non_2xx = 0
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        deadline = time.perf_counter() + seconds
+    deadline = time.perf_counter() + seconds
 
-        async def worker(offset: int) -> None:
-            nonlocal non_2xx
-            i = offset
+    async def worker(offset: int) -> None:
+        nonlocal non_2xx
+        reader, writer = await asyncio.open_connection(host, int(port))
+        i = offset
+        try:
             while (start := time.perf_counter()) < deadline:
-                response = await client.get(paths[i % len(paths)])
+                writer.write(requests[i % len(requests)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                if length is None:
+                    raise RuntimeError(f"answer without Content-Length from {url}: {head[:200]!r}")
+                await reader.readexactly(int(length.group(1)))
                 latencies.append(time.perf_counter() - start)
-                non_2xx += not 200 <= response.status_code < 300
+                non_2xx += not head.startswith(b"HTTP/1.1 2")
                 i += connections
+        finally:
+            writer.close()
 
-        await asyncio.gather(*(worker(k) for k in range(connections)))
+    await asyncio.gather(*(worker(k) for k in range(connections)))
     return latencies, non_2xx
 
-def run_httpx(url: str, paths: list[str], seconds: float, connections: int, target: str) -> Load:
-    "Drive `paths` with the built-in asyncio/httpx generator."
+def run_asyncio(url: str, paths: list[str], seconds: float, connections: int, target: str) -> Load:
+    "Drive `paths` with the built-in asyncio generator (keep-alive connections over raw streams)."
+    from concurrent.futures import ThreadPoolExecutor
+
     start = time.perf_counter()
-    latencies, non_2xx = asyncio.run(_httpx_load(url, paths, seconds, connections))
+    with ThreadPoolExecutor(1) as pool:
+        latencies, non_2xx = pool.submit(asyncio.run, _asyncio_load(url, paths, seconds, connections)).result()
     elapsed = time.perf_counter() - start
     p50, p99 = (np.percentile(latencies, [50, 99]) * 1e3).tolist() if latencies else (float("nan"),) * 2
-    return Load(target, "httpx", seconds, connections, len(latencies), non_2xx, len(latencies) / elapsed, p50, p99)
+    return Load(target, "asyncio", seconds, connections, len(latencies), non_2xx, len(latencies) / elapsed, p50, p99)
 
 def load_tool(tool: str = "auto") -> str:
-    "`wrk` if asked for or (auto) installed, else `httpx`."
+    "`wrk` if asked for or (auto) installed, else `asyncio`."
     if tool == "auto":
-        return "wrk" if shutil.which("wrk") else "httpx"
+        return "wrk" if shutil.which("wrk") else "asyncio"
     if tool == "wrk" and not shutil.which("wrk"):
-        raise FileNotFoundError("wrk is not installed (apt-get install wrk), use --tool httpx")
+        raise FileNotFoundError("wrk is not installed (apt-get install wrk), use --tool asyncio")
     return tool
 
 def run_load(url: str, paths: list[str], seconds: float = 5.0, connections: int = 16, target: str = "", tool: str = "auto") -> Load:
-    "A bounded load on `paths`: fixed duration and connections; wrk if installed, else asyncio/httpx."
-    runner = run_wrk if load_tool(tool) == "wrk" else run_httpx
+    "A bounded load on `paths`: fixed duration and connections; wrk if installed, else the built-in asyncio one."
+    runner = run_wrk if load_tool(tool) == "wrk" else run_asyncio
     return runner(url, paths, seconds, connections, target or paths[0])
 
 # %% ../../nbs/31_service_bench.ipynb #d777a034
@@ -288,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="load per target and round (default 3)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported (default 5)")
-    p.add_argument("--tool", choices=["auto", "wrk", "httpx"], default="auto", help="load generator (auto: wrk if installed)")
+    p.add_argument("--tool", choices=["auto", "wrk", "asyncio"], default="auto", help="load generator (auto: wrk if installed)")
     p.add_argument("--output", default=str(project_root() / "reports" / "service_bench.md"), help="markdown report ('-' for stdout only)")
     args = p.parse_args(argv)
     bench = bench_service(args.models_dir, seconds=args.seconds, connections=args.connections, repeats=args.repeats, tool=args.tool)
