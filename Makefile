@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 RUN_ARGS ?=
 
-.PHONY: run test install install-dev sync-check nbdev-test pytest clean-nbs export readme bench
+.PHONY: run test install install-dev sync-check nbdev-test pytest clean-nbs export readme serve profile bench-serve bench-als bench-scale
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,15 @@ clean-nbs: $(DEV_STAMP)
 	$(BIN)/nbdev_clean
 readme: $(DEV_STAMP)
 	$(BIN)/jupyter nbconvert --to markdown --output-dir . --output README nbs/index.ipynb
+
+# the service and the tools around it (after `make run` has written models/)
+serve: $(RUN_STAMP)
+	$(BIN)/reco-lab serve
+profile: $(RUN_STAMP)
+	$(BIN)/reco-lab profile
+bench-serve: $(RUN_STAMP)
+	$(BIN)/reco-lab bench serve
+bench-als: $(RUN_STAMP)
+	$(BIN)/reco-lab bench als-logging --report reports/bench_als_logging.md
+bench-scale: $(RUN_STAMP)
+	$(BIN)/reco-lab bench scale

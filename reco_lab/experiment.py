@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MODEL_MODULES', 'model_module', 'make_model', 'prepare', 'interactions_only', 'param', 'setup',
-           'complete_with_popular', 'recommend', 'evaluate_folds', 'log_final_model']
+           'complete_with_popular', 'recommend', 'evaluate_folds', 'log_final_model', 'vector_factors', 'topk_items']
 
 # %% ../nbs/04_experiment.ipynb #d84d2a68
 import reco_lab.core  # noqa: F401
@@ -102,3 +102,50 @@ def evaluate_folds(run: Run, folds: list[Fold], fit: Callable[[Fold, Run], tuple
 def log_final_model(run: Run, model: ModelBase) -> float:
     "Log the model fitted on all data as the run's artifact; its size in MB."
     return run.log_model(model)
+
+# %% ../nbs/04_experiment.ipynb #4e3f242c
+def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    "User and item factors whose dot product is the model's score (ALS, LightFM with biases), or None."
+    from rectools.models import ImplicitALSWrapperModel, LightFMWrapperModel
+
+    if isinstance(model, ImplicitALSWrapperModel):
+        users, items = model.get_vectors()
+    elif isinstance(model, LightFMWrapperModel):
+        users, items = model.get_vectors(dataset)
+    else:
+        return None
+    return np.ascontiguousarray(users, dtype=np.float32), np.ascontiguousarray(items, dtype=np.float32)
+
+def topk_items(model: ModelBase, dataset: Dataset, users, k: int, batch: int = 100_000, num_threads: int = 2,
+               with_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    "Top-`k` unseen external item ids of each of `users` (external ids) as a -1 padded matrix (and the scores, NaN padded)."
+    from implicit.cpu.topk import topk
+
+    users = np.asarray(users)
+    out = np.full((len(users), k), -1, dtype=np.int64)
+    out_scores = np.full((len(users), k), np.nan, dtype=np.float32)
+    factors = vector_factors(model, dataset)
+    if factors is None:
+        for start in range(0, len(users), batch):
+            chunk = users[start:start + batch]
+            reco = recommend(model, dataset, chunk, k)
+            order = pd.Series(np.arange(len(chunk)), index=chunk)
+            rows, cols = start + order.loc[reco[Columns.User]].to_numpy(), reco[Columns.Rank].to_numpy() - 1
+            out[rows, cols] = reco[Columns.Item].to_numpy()
+            out_scores[rows, cols] = reco[Columns.Score].to_numpy()
+        return (out, out_scores) if with_scores else out
+    user_f, item_f = factors
+    known = np.flatnonzero(np.isin(users, dataset.user_id_map.external_ids))  # users the model never saw keep -1 rows
+    idx = dataset.user_id_map.convert_to_internal(users[known])
+    seen = dataset.get_user_item_matrix(include_weights=False)
+    external = dataset.item_id_map.external_ids
+    for start in range(0, len(idx), batch):
+        rows = idx[start:start + batch]
+        ids, scores = topk(item_f, user_f[rows], min(k, item_f.shape[0]), filter_query_items=seen[rows], num_threads=num_threads)
+        items = external[ids]
+        missing = ~np.isfinite(scores) | (ids < 0)
+        items[missing] = -1
+        scores[missing] = np.nan
+        out[known[start:start + len(rows)], : items.shape[1]] = items
+        out_scores[known[start:start + len(rows)], : items.shape[1]] = scores
+    return (out, out_scores) if with_scores else out

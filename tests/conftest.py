@@ -29,3 +29,16 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("text", True)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **kw.pop("env", {})}
     return subprocess.run(cmd, env=env, **kw)
+
+
+def query(stack, sql: str, *args) -> list[tuple]:
+    "Rows of a SQL query against a `reco_lab.stack` PostgreSQL."
+    from reco_lab import stack as st
+
+    conn = st.connect(stack)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+    finally:
+        conn.close()

@@ -75,14 +75,7 @@ def refresh(stack: st.Stack) -> None:
     stack.__dict__.update(st.Stack.load(stack.dir).__dict__)
 
 
-def query(stack: st.Stack, sql: str, *args) -> list[tuple]:
-    conn = st.connect(stack)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
+from conftest import query  # noqa: E402  (shared with test_study, which runs the quick study on its own stack)
 
 
 def test_up_again_changes_nothing_and_the_cli_reports_it(stack):
@@ -228,24 +221,6 @@ def external_s3():
         yield f"http://127.0.0.1:{port}"
     finally:
         st.kill_tree(psutil.Process(proc.pid))
-
-
-@pytest.mark.skipif(os.environ.get("RECO_LAB_SKIP_STUDY") == "1", reason="RECO_LAB_SKIP_STUDY=1")
-def test_the_quick_study_logs_into_the_stack_and_registers_the_champion(stack, uri, tmp_path):
-    done = run([tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "runs"),
-                "--reports-dir", str(tmp_path / "reports")], env={"MLFLOW_TRACKING_URI": uri}, cwd=ROOT, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = query(stack, "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id) "
-                        "WHERE NOT EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = 'dataset' "
-                        "AND t.value = 'stack-test')")
-    assert {name for _, _, name in runs} >= {"candidates", "ranker"}
-    finished = [rid for rid, status, _ in runs if status == "FINISHED"]
-    params = query(stack, "SELECT count(*) FROM params WHERE run_uuid = ANY(%s)", finished)[0][0]
-    stepped = query(stack, "SELECT count(DISTINCT step) FROM metrics WHERE run_uuid = ANY(%s) AND key LIKE 'loss%%'", finished)[0][0]
-    assert params > 0 and stepped > 1
-    champion = MlflowClient(uri).get_model_version_by_alias("reco_lab", "champion")
-    assert champion.run_id in finished
-    assert any(champion.run_id in k for k in st.bucket_keys(stack))
 
 
 def test_an_external_s3_endpoint_replaces_moto(stack, uri, external_s3, monkeypatch):

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DAY', 'NoCandidateRuns', 'choose_first_stage', 'RankerFeatures', 'PositiveUsersSampler', 'EvalSetCatBoostReranker',
-           'prepare', 'make_ranker', 'catboost_curves']
+           'FastCandidateGenerator', 'prepare', 'make_ranker', 'catboost_curves']
 
 # %% ../../nbs/13_catboost_pointwise.ipynb #d548bf27
 import reco_lab.core  # noqa: F401
@@ -22,7 +22,7 @@ from rectools.models.ranking.candidate_ranking import NegativeSamplerBase
 
 from ..data import RecoData
 from ..evaluation import make_splitter
-from ..experiment import make_model, param
+from ..experiment import make_model, param, topk_items, vector_factors
 from ..tracking import search_runs
 
 # %% ../../nbs/13_catboost_pointwise.ipynb #ec5477d1
@@ -142,6 +142,26 @@ class EvalSetCatBoostReranker(CatBoostReranker):
         self.n_learn_rows, self.n_eval_rows = len(learn), len(held_out)
 
 # %% ../../nbs/13_catboost_pointwise.ipynb #aa81344b
+class FastCandidateGenerator(CandidateGenerator):
+    "rectools' CandidateGenerator with implicit's batched top-k for factor models (same candidates, ranks and scores)."
+
+    def generate_candidates(self, users, dataset: Dataset, filter_viewed: bool, for_train: bool, items_to_recommend=None,
+                            on_unsupported_targets="raise") -> pd.DataFrame:
+        if not filter_viewed or items_to_recommend is not None or vector_factors(self.model, dataset) is None:
+            return super().generate_candidates(users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets)
+        if not (self.is_fitted_for_train if for_train else self.is_fitted_for_recommend):
+            return super().generate_candidates(users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets)
+        users = np.asarray(users)
+        items, scores = topk_items(self.model, dataset, users, self.num_candidates, with_scores=True)
+        keep = items >= 0
+        frame = {Columns.User: np.repeat(users, items.shape[1])[keep.ravel()], Columns.Item: items[keep]}
+        if self.keep_scores:
+            frame[Columns.Score] = scores[keep]
+        if self.keep_ranks:
+            frame[Columns.Rank] = np.tile(np.arange(1, items.shape[1] + 1), len(users))[keep.ravel()]
+        return pd.DataFrame(frame)
+
+# %% ../../nbs/13_catboost_pointwise.ipynb #3c246f26
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The ranker sees the data the way its first stage does (a ranker run's params carry `first_stage` and `first_stage_params`)."
     import json
@@ -156,7 +176,7 @@ def make_ranker(first_model: str, first_params: dict[str, Any], data: RecoData, 
                 params: dict[str, Any]) -> CandidateRankingModel:
     "A CandidateRankingModel: first stage + popular candidates, RankerFeatures, CatBoost pointwise with an eval set."
     n_candidates, n_popular = param(params, "n_candidates", 50), param(params, "n_popular", 20)
-    generators = [CandidateGenerator(make_model(first_model, first_params), n_candidates, keep_ranks=True, keep_scores=True,
+    generators = [FastCandidateGenerator(make_model(first_model, first_params), n_candidates, keep_ranks=True, keep_scores=True,
                                      scores_fillna_value=-1e6, ranks_fillna_value=n_candidates + 1)]
     if first_model != "popular" and n_popular > 0:
         generators.append(CandidateGenerator(PopularModel(), n_popular, keep_ranks=True, keep_scores=True,
