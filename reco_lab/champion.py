@@ -95,7 +95,8 @@ def export_models(data: RecoData, models: dict[str, tuple[ModelBase, Any]], fold
         log(f"{name}: {(topk[name] >= 0).sum(axis=1).mean():.1f} items per user on average")
     popular = data.interactions.groupby(Columns.Item)[Columns.User].nunique().sort_values(ascending=False, kind="stable")
     meta = {"dataset": data.name, "data_checksum": data_checksum(data), "n_items": int(data.interactions[Columns.Item].nunique()), **(meta or {})}
-    return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular.index.to_numpy()[: max(depth, 100)], meta=meta)
+    # the whole catalogue by popularity: whatever a user has seen, the fallback can still fill k items
+    return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular.index.to_numpy(), meta=meta)
 
 def build_export(data: RecoData, runs: dict[str, pd.Series], champion: pd.Series, folder: str | Path, *, depth: int = 30,
                  version: ModelVersion | None = None, uri: str | None = None, log=print) -> Path:
