@@ -21,8 +21,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     "Run the study's notebooks through papermill, then write the leaderboard, curves and HTML index."
+    from reco_lab.data import load_data, parse_dataset
     from reco_lab.runner import parse_grid, run_study, write_reports
+    from reco_lab.tracking import check_tracking
 
+    parse_dataset(args.dataset)
+    check_tracking()  # both fail fast, before the data is loaded
+    print(load_data(args.dataset).summary().to_string(), end="\n\n")
     only = [name for spec in args.only or [] for name in spec.split(",") if name]
     study = run_study(args.dataset, only=only or None, grid=parse_grid(args.grid), output_dir=args.output_dir, quick=args.quick)
     board = write_reports(study, args.dataset, args.reports_dir)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['STUDY', 'METRIC_COLUMNS', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'declared_parameters', 'plan', 'render_html',
            'execute_job', 'Study', 'run_study', 'study_runs', 'leaderboard', 'champion_run_id', 'plot_als_curves',
-           'write_reports']
+           'display_uri', 'write_reports']
 
 # %% ../nbs/07_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
@@ -113,8 +113,11 @@ def execute_job(job: Job, out: Path, index: int, params: dict[str, Any]) -> Path
     if not source.is_file():
         raise StudyFailed(f"notebook {source} does not exist")
     try:
+        # the kernel's own log (e.g. the KeyboardInterrupt it reports when papermill shuts it down) is noise here:
+        # a cell's error reaches us through papermill
         pm.execute_notebook(str(source), str(target), parameters={**params, **job.params}, cwd=str(nbs_dir()),
-                            kernel_name="python3", progress_bar=False, log_output=False)
+                            kernel_name="python3", progress_bar=False, log_output=False,
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except PapermillExecutionError as e:
         render_html(target)
         raise StudyFailed(f"{job.notebook} ({job.name}) failed in cell {e.cell_index} (execution {e.exec_count}): "
@@ -227,6 +230,14 @@ def plot_als_curves(run_id: str, path: str | Path | None = None):
     return fig
 
 # %% ../nbs/07_runner.ipynb #3ea597c6
+def display_uri(uri: str) -> str:
+    "A tracking URI as a reader of the reports should see it: the embedded store relative to the repository."
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_relative_to(project_root()):
+            return f"sqlite:///{path.relative_to(project_root())} (embedded)"
+    return uri
+
 def write_reports(study: Study | None = None, dataset: str = "ml-100k", reports_dir: str | Path | None = None) -> Path:
     "Write leaderboard.md, als_curves.png, html/ and index.html for a study (or the latest runs) into `reports_dir`."
     reports = Path(reports_dir or project_root() / "reports")
@@ -236,7 +247,7 @@ def write_reports(study: Study | None = None, dataset: str = "ml-100k", reports_
     board = leaderboard(runs, champion)
     lines = [f"# Leaderboard: {dataset}", ""]
     if study:
-        lines += [f"Study `{study.study_id}` ({study.seconds / 60:.1f} min), tracking store `{tracking_uri()}`.", ""]
+        lines += [f"Study `{study.study_id}` ({study.seconds / 60:.1f} min), tracking store `{display_uri(tracking_uri())}`.", ""]
     if len(runs):
         tags = runs.iloc[0]
         lines += [f"Splitter `{tags.get('tags.splitter')}`, {int(float(tags.get('params.n_folds', 0) or 0))} folds; "

@@ -66,6 +66,8 @@ def finished_runs(client):
 def test_progress_and_every_notebook_rendered(study):
     tmp, _, result = study
     assert "[1/6]" in result.stdout and "[6/6] 20_select_champion_champion done" in result.stdout
+    summary = dict(line.split(None, 1) for line in result.stdout.splitlines()[:4] if line.strip())
+    assert (summary["interactions"].strip(), summary["users"].strip(), summary["items"].strip()) == ("100000", "943", "1682")
     executed = sorted(p.name for p in (tmp / "out").glob("*.ipynb"))
     assert len(executed) == 6 and all((tmp / "out" / n).with_suffix(".html").exists() for n in executed)
 
