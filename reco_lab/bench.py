@@ -138,7 +138,6 @@ def bench_scale(n_users: int = 1_000_000, n_items: int = 15_000, n_interactions:
     from reco_lab.data import make_synthetic
     from reco_lab.evaluation import fold_metrics, time_folds
     from reco_lab.experiment import complete_with_popular, interactions_only, make_model, recommend, topk_items
-    from reco_lab.export import load_export
     from reco_lab.models import als as als_module
     from reco_lab.models import lightfm as lightfm_module
     from reco_lab.models.ranker import make_ranker

@@ -10,7 +10,6 @@ __all__ = ['all_runs', 'select_champion', 'best_runs_per_model', 'register_champ
 import reco_lab.core  # noqa: F401
 
 import hashlib
-import json
 import pickle
 import tempfile
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from rectools import Columns
 from rectools.models.base import ModelBase

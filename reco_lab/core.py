@@ -13,7 +13,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_FRAMEWOR
 
 from pathlib import Path
 
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 # %% ../nbs/00_core.ipynb #326b1350
 def limit_blas_threads(n: int = 1) -> None:

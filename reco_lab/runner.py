@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from .core import project_root
-from .tracking import check_tracking, experiment_name, search_runs, tracking_uri
+from .tracking import check_tracking, search_runs, tracking_uri
 
 # %% ../nbs/07_runner.ipynb #9c937567
 @dataclass

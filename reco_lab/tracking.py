@@ -24,8 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from .core import project_root
@@ -218,10 +219,8 @@ def tracked_run(model: str, params: dict[str, Any], *, dataset: str, splitter: s
     client.set_terminated(run_id, "FINISHED")
 
 # %% ../nbs/03_tracking.ipynb #eae1e9d0
-def runs_frame(runs) -> "pd.DataFrame":
+def runs_frame(runs) -> pd.DataFrame:
     "MLflow runs as a DataFrame with `mlflow.search_runs`' columns: run_id, artifact_uri, metrics.*, params.*, tags.*."
-    import pandas as pd
-
     rows = []
     for r in runs:
         row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "status": r.info.status,

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from reco_lab import stack as st
 from reco_lab.tracking import TrackingUnavailable, check_tracking, tracked_run
 
-from conftest import ROOT, run, tool
+from conftest import run, tool
 
 pytestmark = pytest.mark.skipif(os.environ.get("RECO_LAB_SKIP_STACK") == "1", reason="RECO_LAB_SKIP_STACK=1")
 

@@ -2,7 +2,6 @@
 server` started by `reco_lab.stack`; results read back from MLflow, PostgreSQL, the bucket, the export and the
 reports. (The embedded SQLite default is what nbdev_test and the failing-notebook test below use.)"""
 import json
-import os
 import socket
 import tempfile
 from pathlib import Path
