@@ -2,7 +2,6 @@
 server` started by `reco_lab.stack`; results read back from MLflow, PostgreSQL, the bucket, the export and the
 reports. (The embedded SQLite default is what nbdev_test and the failing-notebook test below use.)"""
 import json
-import socket
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from reco_lab import stack as st
+from reco_lab.core import free_port
 
 from conftest import ROOT, query, run, tool
 
@@ -145,12 +145,6 @@ def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
     assert str(tmp_path / "out") in result.stderr
     runs = finished_runs(MlflowClient(env["MLFLOW_TRACKING_URI"]))
     assert [r.data.tags["model"] for r in runs] == ["popular"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_tracking_server_fails_before_any_notebook(tmp_path):
