@@ -11,6 +11,7 @@ __all__ = ['STUDY', 'METRIC_COLUMNS', 'Job', 'StudyFailed', 'nbs_dir', 'parse_gr
 import reco_lab.core  # noqa: F401
 
 import ast
+import functools
 import html
 import itertools
 import shutil
@@ -70,11 +71,12 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
         grid[key.strip()] = parsed
     return grid
 
-def declared_parameters(notebook: str) -> set[str]:
-    "Names declared in the notebook's `parameters` cell."
+@functools.lru_cache(maxsize=None)
+def declared_parameters(notebook: str) -> frozenset[str]:
+    "Names declared in the notebook's `parameters` cell (read once per process)."
     import papermill as pm
 
-    return set(pm.inspect_notebook(str(nbs_dir() / f"{notebook}.ipynb")))
+    return frozenset(pm.inspect_notebook(str(nbs_dir() / f"{notebook}.ipynb")))
 
 def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None, jobs: list[Job] = STUDY) -> list[Job]:
     "The jobs to run: the study filtered by `only`, each expanded over the grid keys its notebook declares."
