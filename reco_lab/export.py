@@ -44,6 +44,11 @@ def _sha256(path: Path) -> str:
 def _id_dtype(values: np.ndarray) -> np.dtype:
     return np.dtype(np.int32) if len(values) == 0 or (values.min() >= -1 and values.max() < 2**31) else np.dtype(np.int64)
 
+def _readable_by_all(folder: Path) -> None:
+    "Folders 0755 and files 0644 under `folder` (itself included), whatever the umask was."
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
 def write_export(folder: str | Path, *, users: np.ndarray, topk: dict[str, np.ndarray], seen: dict[int, np.ndarray] | tuple[np.ndarray, np.ndarray],
                  popular: np.ndarray, meta: dict[str, Any]) -> Path:
     "Atomically write a serving export: per-model top-k matrices aligned with `users`, seen items, popular fallback, manifest."
@@ -90,6 +95,7 @@ def write_export(folder: str | Path, *, users: np.ndarray, topk: dict[str, np.nd
             "files": files,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        _readable_by_all(staging)
         if folder.exists():
             old = folder.with_name(f".{folder.name}-old")
             shutil.rmtree(old, ignore_errors=True)
