@@ -54,7 +54,13 @@ class ServiceWorker(UvicornWorker):
                                        self.cfg.limit_request_field_size)
 
 
-bind = f"0.0.0.0:{_env_int('RECO_LAB_PORT', 8080)}"
+def _bind(host: str, port: int) -> str:
+    "gunicorn's `host:port`, with an IPv6 address in brackets."
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+# inside the image every interface by default (the container's port is published on the host's 127.0.0.1)
+bind = _bind(os.environ.get("RECO_LAB_HOST", "").strip() or "0.0.0.0", _env_int("RECO_LAB_PORT", 8080))
 worker_class = ServiceWorker
 workers = _env_int("GUNICORN_WORKERS", 2)
 timeout = _env_int("GUNICORN_TIMEOUT", 30)  # a worker silent this long is killed and replaced
