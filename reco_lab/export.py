@@ -24,7 +24,7 @@ from .core import project_root
 
 # %% ../nbs/21_export.ipynb #68ae5310
 FORMAT_VERSION = 1
-SERVED_MODELS = ("popular", "knn", "als", "lightfm", "ranker")
+SERVED_MODELS = ("popular", "knn", "als", "lightfm", "ease", "ranker")
 
 class ExportError(RuntimeError):
     "The export folder is missing, incomplete, corrupt or does not match its manifest; the message names the file."
