@@ -11,7 +11,7 @@ import reco_lab.core  # noqa: F401
 import argparse
 import sys
 
-# %% ../nbs/05_cli.ipynb #bb9452b4
+# %% ../nbs/05_cli.ipynb #a40f1452
 def cmd_summary(args: argparse.Namespace) -> int:
     "Load a dataset and print its summary."
     from reco_lab.data import load_data
@@ -21,30 +21,41 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     "Run the study's notebooks through papermill, then write the leaderboard, curves and HTML index."
-    from reco_lab.data import load_data, parse_dataset
-    from reco_lab.runner import parse_grid, run_study, write_reports
+    from reco_lab.data import parse_dataset
+    from reco_lab.evaluation import fold_summary
+    from reco_lab.experiment import setup
+    from reco_lab.runner import parse_grid, parse_only, plan, run_study, write_reports
     from reco_lab.tracking import check_tracking
 
     parse_dataset(args.dataset)
-    check_tracking()  # both fail fast, before the data is loaded
-    print(load_data(args.dataset).summary().to_string(), end="\n\n")
-    only = [name for spec in args.only or [] for name in spec.split(",") if name]
-    study = run_study(args.dataset, only=only or None, grid=parse_grid(args.grid), output_dir=args.output_dir, quick=args.quick)
-    board = write_reports(study, args.dataset, args.reports_dir)
+    check_tracking()  # all of these fail fast, before the data is loaded
+    only, grid = parse_only(args.only), parse_grid(args.grid)
+    plan(only, grid)
+    data, protocol, folds = setup(args.dataset, args.protocol, quick=args.quick)
+    folds_table = fold_summary(folds)
+    print(data.summary().to_string(), end="\n\n")
+    print(f"protocol {protocol}, {len(folds)} folds:\n{folds_table.to_string()}", end="\n\n")
+    study = run_study(args.dataset, protocol=protocol, only=only, grid=grid, output_dir=args.output_dir,
+                      reports_dir=args.reports_dir, quick=args.quick)
+    board = write_reports(study, args.dataset, protocol, folds_table=folds_table)
     print(f"study {study.study_id} finished in {study.seconds / 60:.1f} min: notebooks and HTML in {study.output_dir}")
     print(board.read_text(encoding="utf-8").split("## ALS")[0].rstrip())
     print(f"leaderboard: {board}")
     return 0
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    "Rewrite the leaderboard and curves from what MLflow holds (the latest run of each model)."
+    "Rewrite the leaderboard and curves of the latest full study from what MLflow holds."
+    from reco_lab.evaluation import fold_summary
+    from reco_lab.experiment import setup
     from reco_lab.runner import write_reports
 
-    print(write_reports(None, args.dataset, args.reports_dir).read_text(encoding="utf-8"))
+    _, protocol, folds = setup(args.dataset, args.protocol)
+    print(write_reports(None, args.dataset, protocol, args.reports_dir, folds_table=fold_summary(folds)).read_text(encoding="utf-8"))
     return 0
 
 # %% ../nbs/05_cli.ipynb #89ce9872
 DELEGATED = {
+    "tune": ("reco_lab.tuning", "main", "tune a model's hyper-parameters with Optuna on the validation splits"),
     "serve": ("reco_lab.service.app", "main", "start the recommendation service (uvicorn, no reloader)"),
     "tracking": ("reco_lab.stack", "main", "start/stop a local MLflow server on PostgreSQL + S3 (up, down, status)"),
     "profile": ("reco_lab.profiling", "main", "profile the live service with py-spy into reports/profiling/"),
@@ -68,14 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
     p = sub.add_parser("run", help="run the study (experiment notebooks through papermill), then the leaderboard")
     p.add_argument("--dataset", default="ml-100k", help="ml-100k, kion:<dir> or synthetic:<n_users>")
-    p.add_argument("--only", action="append", metavar="JOBS", help="comma-separated jobs or notebooks (popular, knn, als, lightfm, ranker, champion)")
+    p.add_argument("--protocol", default="", help="last_n, next_n or time (default: last_n for ML-100k, time otherwise)")
+    p.add_argument("--only", action="append", metavar="JOBS",
+                   help="comma-separated jobs or notebooks (popular, knn, als, lightfm, ease, ranker, champion)")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="one run per value for notebooks declaring KEY (repeatable)")
     p.add_argument("--output-dir", help="where executed notebooks and HTML go (default reports/runs/<study id>)")
-    p.add_argument("--reports-dir", help="where the leaderboard, curves and index go (default reports/)")
+    p.add_argument("--reports-dir", help="where the leaderboard, curves and index go (default: reports/ for a full study, "
+                   "else the output folder)")
     p.add_argument("--quick", action="store_true", help="few epochs and two folds: the whole pipeline in a few minutes")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("leaderboard", help="rewrite reports/leaderboard.md from MLflow")
+    p = sub.add_parser("leaderboard", help="rewrite reports/leaderboard.md from MLflow (the latest full study)")
     p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--protocol", default="")
     p.add_argument("--reports-dir")
     p.set_defaults(func=cmd_leaderboard)
     for name, (_, _, help_text) in DELEGATED.items():
