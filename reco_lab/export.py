@@ -110,7 +110,7 @@ def write_export(folder: str | Path, *, users: np.ndarray, topk: dict[str, np.nd
     return folder
 
 # %% ../nbs/21_export.ipynb #2cd56d7b
-@dataclass
+@dataclass(repr=False)
 class Export:
     "A verified, memory-mapped serving export."
     folder: Path
@@ -120,6 +120,9 @@ class Export:
     seen_indptr: np.ndarray
     seen_items: np.ndarray
     popular: np.ndarray
+
+    def __repr__(self) -> str:
+        return f"Export({str(self.folder)!r}, models={self.models}, users={len(self.users)})"
 
     @property
     def models(self) -> list[str]:
@@ -142,38 +145,61 @@ class Export:
             items += [i for i in self.popular.tolist() if i not in exclude][: k - len(items)]
         return items
 
+def _read_manifest(folder: Path) -> tuple[dict, dict, dict]:
+    "The manifest, its `files` and its `models`, checked for the shape `load_export` relies on."
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ExportError(f"no serving export at {folder}: {path} is missing. Run `make run` (or point RECO_LAB_MODELS_DIR at an export)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ExportError(f"{path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ExportError(f"{path} is not a valid export manifest: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path} is not a valid export manifest: a JSON object is expected, found {type(manifest).__name__}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path} has format_version {manifest.get('format_version')!r}, this reco_lab reads {FORMAT_VERSION}")
+    files, models = manifest.get("files"), manifest.get("models")
+    if not isinstance(files, dict) or not isinstance(models, dict):
+        raise ExportError(f"{path} is not a valid export manifest: 'files' and 'models' must be JSON objects")
+    for name, entry in models.items():
+        if name not in SERVED_MODELS:
+            raise ExportError(f"{path}: models[{name!r}] is not a model the service serves ({', '.join(SERVED_MODELS)})")
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise ExportError(f"{path}: models[{name!r}] has no 'file' (the path of its top-k array), found {json.dumps(entry)}")
+    for rel, entry in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ExportError(f"{path}: files[{rel!r}] is not a path inside {folder}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
+            raise ExportError(f"{path}: files[{rel!r}] must be an object with 'bytes' and 'sha256', found {json.dumps(entry)}")
+    return manifest, files, models
+
 def _load_array(folder: Path, rel: str, expected: dict, verify: bool, mmap: bool) -> np.ndarray:
     path = folder / rel
     if not path.is_file():
         raise ExportError(f"export file {path} is missing (listed in {folder / 'manifest.json'})")
-    if path.stat().st_size != expected.get("bytes"):
-        raise ExportError(f"export file {path} has {path.stat().st_size} bytes, the manifest says {expected.get('bytes')}: the file is truncated or replaced")
-    if verify and _sha256(path) != expected.get("sha256"):
-        raise ExportError(f"export file {path} fails its sha256 check: it was modified after the export was written")
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        # a plain ndarray view keeps the mapping but drops np.memmap's per-slice overhead (about half of a lookup)
-        return array.view(np.ndarray) if mmap else array
-    except (ValueError, OSError) as e:
+        size = path.stat().st_size
+        if size == expected["bytes"] and verify and _sha256(path) != expected["sha256"]:
+            raise ExportError(f"export file {path} fails its sha256 check: it was modified after the export was written")
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False) if size == expected["bytes"] else None
+    except OSError as e:
+        raise ExportError(f"export file {path} cannot be read: {e.strerror or e}") from None
+    except (ValueError, EOFError) as e:
         raise ExportError(f"export file {path} is not a readable .npy array: {e}") from None
+    if array is None:
+        raise ExportError(f"export file {path} has {size} bytes, the manifest says {expected['bytes']}: the file is truncated or replaced")
+    # a plain ndarray view keeps the mapping but drops np.memmap's per-slice overhead (about half of a lookup)
+    return array.view(np.ndarray) if mmap else array
 
 def load_export(folder: str | Path | None = None, *, verify: bool = True, mmap: bool = True) -> Export:
     "Open and verify a serving export; ExportError naming the file if anything is missing, corrupt or inconsistent."
     folder = Path(folder or models_dir())
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise ExportError(f"no serving export at {folder}: {manifest_path} is missing. Run `make run` (or point RECO_LAB_MODELS_DIR at an export)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        models = manifest["models"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ExportError(f"{manifest_path} is not a valid export manifest: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{manifest_path} has format_version {manifest.get('format_version')!r}, this reco_lab reads {FORMAT_VERSION}")
+    manifest, files, models = _read_manifest(folder)
     needed = ["users.npy", "seen_indptr.npy", "seen_items.npy", "popular.npy"] + [m["file"] for m in models.values()]
     if missing := [rel for rel in needed if rel not in files]:
-        raise ExportError(f"{manifest_path} lists no checksum for {', '.join(missing)}")
+        raise ExportError(f"{folder / 'manifest.json'} lists no checksum for {', '.join(missing)}")
     arrays = {rel: _load_array(folder, rel, files[rel], verify, mmap) for rel in needed}
     export = Export(folder, manifest, arrays["users.npy"], {name: arrays[m["file"]] for name, m in models.items()},
                     arrays["seen_indptr.npy"], arrays["seen_items.npy"], arrays["popular.npy"])
