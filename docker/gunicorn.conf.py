@@ -2,15 +2,17 @@
 
 Every number comes from the environment, with defaults sized for a 2-core container. gunicorn's own request
 limits (`limit_request_line`, `limit_request_fields`, `limit_request_field_size`) apply to its sync workers
-only; `ServiceWorker` enforces the same three on uvicorn's h11 parser, answering 400 to a request beyond them.
+only; `ServiceWorker` hands them, with the keep-alive timeout, to `reco_lab.service.server`, the code that
+`reco-lab serve` runs too: the same limits on the request head (400 beyond them), a timeout for a head that never
+completes, the concurrency limit answered with a JSON 503, and the parser chosen by RECO_LAB_HTTP.
 """
 import os
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.workers import UvicornWorker
 
 from reco_lab.service.logging import log_config
+from reco_lab.service.server import Limits, uvicorn_options
+from reco_lab.service.settings import Settings
 
 
 def _env_int(name: str, default: int) -> int:
@@ -21,37 +23,17 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"gunicorn.conf.py: environment variable {name}={value!r} is not an integer") from None
 
 
-def limited_h11(max_line: int, max_fields: int, max_field_size: int) -> type[H11Protocol]:
-    "uvicorn's h11 protocol refusing a request line, header count or header size beyond the limits (0 = no limit)."
-
-    class LimitedH11Protocol(H11Protocol):
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            next_event = self.conn.next_event
-
-            def checked_next_event():
-                event = next_event()
-                if isinstance(event, h11.Request):
-                    line = len(event.method) + len(event.target) + 10  # "GET <target> HTTP/1.1"
-                    if (max_line and line > max_line) or (max_fields and len(event.headers) > max_fields) or (
-                            max_field_size and any(len(k) + len(v) + 2 > max_field_size for k, v in event.headers)):
-                        raise h11.RemoteProtocolError("request line or headers beyond the configured limits")
-                return event
-
-            self.conn.next_event = checked_next_event
-
-    return LimitedH11Protocol
-
-
 class ServiceWorker(UvicornWorker):
-    "uvicorn worker with gunicorn's request limits, a bounded header buffer and no `server` header."
-    CONFIG_KWARGS = {"loop": "asyncio", "http": "h11", "server_header": False,
-                     "h11_max_incomplete_event_size": 65536}  # bytes buffered for an unfinished header block
+    "uvicorn worker with the service's server options (`reco_lab.service.server.uvicorn_options`) and gunicorn's limits."
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.config.http = limited_h11(self.cfg.limit_request_line, self.cfg.limit_request_fields,
-                                       self.cfg.limit_request_field_size)
+        settings = Settings()
+        limits = Limits(request_line=self.cfg.limit_request_line, request_fields=self.cfg.limit_request_fields,
+                        request_field_size=self.cfg.limit_request_field_size, keep_alive=self.cfg.keepalive,
+                        header_timeout=settings.header_timeout, concurrency=settings.limit_concurrency)
+        for name, value in uvicorn_options(settings, limits).items():
+            setattr(self.config, name, value)
 
 
 def _bind(host: str, port: int) -> str:
@@ -68,9 +50,9 @@ graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 20)
 keepalive = _env_int("GUNICORN_KEEPALIVE", 5)
 max_requests = _env_int("GUNICORN_MAX_REQUESTS", 0)
 max_requests_jitter = _env_int("GUNICORN_MAX_REQUESTS_JITTER", 0)
-limit_request_line = _env_int("GUNICORN_LIMIT_REQUEST_LINE", 4094)
-limit_request_fields = _env_int("GUNICORN_LIMIT_REQUEST_FIELDS", 100)
-limit_request_field_size = _env_int("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", 8190)
+limit_request_line = _env_int("GUNICORN_LIMIT_REQUEST_LINE", Limits.request_line)
+limit_request_fields = _env_int("GUNICORN_LIMIT_REQUEST_FIELDS", Limits.request_fields)
+limit_request_field_size = _env_int("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", Limits.request_field_size)
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat files off the container's disk
 control_socket_disable = True  # no ~/.gunicorn/ control socket in a read-only container
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")

@@ -22,9 +22,10 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..export import Export, ExportError, load_export
-from .errors import (ERROR_RESPONSES, EmulatedFailure, ModelNotFound, NotAuthorized, StartupFailed,
-                                     UserNotFound, add_error_handlers)
+from .errors import (ERROR_RESPONSES, EmulatedFailure, ModelNotFound, NotAuthorized, SentryReporter,
+                                     StartupFailed, UserNotFound, add_error_handlers, request_info)
 from .logging import AccessLog, configure_logging, init_sentry, log_config
+from .server import uvicorn_options
 from .settings import Settings
 
 # %% ../../nbs/30_service.ipynb #22ad50ee
@@ -35,8 +36,8 @@ def recommend(export: Export, model_name: str, user_id: int, k: int, emulate_err
     "Exactly `k` items of `model_name` for `user_id`; ModelNotFound, UserNotFound, or EmulatedFailure on purpose."
     if model_name not in export.topk:
         raise ModelNotFound(f"model {model_name!r} is not served; served models: {', '.join(export.models)}", ["path", "model_name"])
-    if user_id > MAX_USER_ID:
-        raise UserNotFound(f"user id {user_id} is above {MAX_USER_ID}", ["path", "user_id"])
+    if not 0 <= user_id <= MAX_USER_ID:
+        raise UserNotFound(f"user id {user_id} is outside 0..{MAX_USER_ID}, the ids this service answers for", ["path", "user_id"])
     if emulate_errors and user_id > 0 and user_id % FAILING_MULTIPLE == 0:
         raise EmulatedFailure(f"emulated failure for user {user_id} (a multiple of {FAILING_MULTIPLE}; RECO_LAB_EMULATE_ERRORS is on)")
     return export.recommend(model_name, user_id, k)
@@ -83,18 +84,20 @@ async def lifespan(app: FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     "The ASGI app for `settings` (default: from the environment); the export loads at start-up, not here."
     settings = settings or Settings()
-    init_sentry(secrets=(settings.api_token.get_secret_value(),) if settings.api_token else ())
+    init_sentry(secrets=(settings.api_token.get_secret_value(),) if settings.api_token else (), asgi=settings.sentry_asgi)
+    docs = settings.docs
     app = FastAPI(title="reco_lab", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
-                  description="Recommendations of the exported reco_lab models.")
+                  description="Recommendations of the exported reco_lab models.", redirect_slashes=False,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
-    add_error_handlers(app)
+    add_error_handlers(app, SentryReporter(settings.sentry_events_per_minute))
     app.add_middleware(AccessLog)
     guarded = [Depends(check_token)] if settings.api_token else []  # no token, no dependency to solve per request
 
     # the router tries routes in order: the hot one first
     @app.get("/reco/{model_name}/{user_id}", dependencies=guarded, response_model=RecoResponse)
     async def get_reco(request: Request, model_name: str, user_id: int) -> Response:
-        sentry_sdk.set_tags({"model_name": model_name, "user_id": user_id})
+        request_info(request.scope)["user_id"] = user_id
         settings = request.app.state.settings
         items = recommend(request.app.state.export, model_name, user_id, settings.k_recs, settings.emulate_errors)
         # validated once when built, encoded by pydantic; FastAPI would validate the model again before encoding it
@@ -104,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def models(request: Request) -> ModelsResponse:
         return ModelsResponse(models=request.app.state.export.models)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> str:
         return "I am alive"
 
@@ -126,8 +129,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="serving export folder (RECO_LAB_MODELS_DIR, default models/)")
     p.add_argument("--k-recs", type=int, help="items per response (RECO_LAB_K_RECS, default 10)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (RECO_LAB_LOG_LEVEL)")
+    p.add_argument("--http", help="HTTP parser: auto, httptools (with uvloop) or h11 (with asyncio) (RECO_LAB_HTTP, default auto)")
     p.add_argument("--emulate-errors", action=argparse.BooleanOptionalAction, default=None,
                    help="fail on purpose for user ids that are multiples of 666, the Sentry demo (RECO_LAB_EMULATE_ERRORS)")
+    p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve /docs, /redoc and /openapi.json (RECO_LAB_DOCS, default on)")
     p.add_argument("--write-demo-export", metavar="DIR", help="instead of serving: fit small real models and write a demo export to DIR")
     p.add_argument("--dataset", default="ml-100k", help="dataset of --write-demo-export (ml-100k, kion:<dir>, synthetic:<n_users>)")
     return p
@@ -146,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("write_demo_export", "dataset")}
     try:
         settings = Settings(**overrides)
-    except ValidationError as e:
+        options = uvicorn_options(settings)
+    except (ValidationError, RuntimeError) as e:
         print(f"reco-lab serve: invalid settings: {e}")
         return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config(settings.log_level),
-                access_log=False, lifespan="on", reload=False, workers=1)
+                lifespan="on", reload=False, workers=1, **options)
     return 0

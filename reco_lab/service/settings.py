@@ -25,9 +25,15 @@ class Settings(BaseSettings):
     k_recs: int = Field(10, ge=1, le=1000, description="items per response")
     api_token: SecretStr | None = Field(None, description="bearer token for /reco and /models; unset = open")
     emulate_errors: bool = Field(False, description="user ids that are multiples of 666 fail on purpose")
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    http: Literal["auto", "httptools", "h11"] = Field("auto", description="HTTP parser (and its event loop)")
+    limit_concurrency: int = Field(1000, ge=1, description="connections or requests in flight before 503")
+    header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds to send a complete request head")
+    sentry_events_per_minute: int = Field(10, ge=0, description="Sentry events a minute per exception type")
+    sentry_asgi: bool = Field(False, description="Sentry's Starlette/FastAPI integrations")
 
     @field_validator("api_token", mode="before")
     @classmethod
@@ -38,3 +44,8 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value):
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("http", mode="before")
+    @classmethod
+    def _lower_http(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
