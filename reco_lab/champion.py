@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['select_champion', 'best_runs_per_model', 'register_champion', 'per_user_test_scores', 'confidence_vs_champion',
-           'load_run_model', 'data_checksum', 'seen_csr', 'export_models', 'build_export', 'fetch_champion_export']
+           'load_run_model', 'seen_csr', 'export_models', 'build_export', 'fetch_champion_export', 'subset_export',
+           'publish_models']
 
 # %% ../nbs/20_select_champion.ipynb #f925d3f7
 import reco_lab.core  # noqa: F401
 
-import hashlib
 import pickle
 import tempfile
 from pathlib import Path
@@ -24,8 +24,9 @@ from rectools.models.base import ModelBase
 
 from .data import RecoData
 from .evaluation import paired_bootstrap
-from .experiment import prepare, topk_items
-from .export import SERVED_MODELS, write_export
+from .experiment import data_checksum, prepare, topk_items
+from .export import SERVED_MODELS, load_export, write_export
+from .registry import download_export, log_export_model
 from .tracking import (CHAMPION_ALIAS, REGISTERED_MODEL, SELECTION_METRIC, champion_alias, check_tracking, comparable_runs,
                                rank_runs, search_runs)
 
@@ -47,8 +48,10 @@ def best_runs_per_model(dataset: str, protocol: str, split: str, *, quick: bool 
 
 def register_champion(run: pd.Series, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS,
                       uri: str | None = None) -> ModelVersion:
-    "Register the run's model artifact as a new version of `name`, point `alias` at it, move the run tag `alias` to it."
+    "Register the run's MLflow model (`model/`) as a new version of `name`, point `alias` at it, move the run tag `alias` to it."
     client = check_tracking(uri)
+    if "model/MLmodel" not in {a.path for a in client.list_artifacts(run["run_id"], "model")}:
+        raise LookupError(f"run {run['run_id']} has no MLflow model at model/: log it first (publish_models)")
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -92,17 +95,12 @@ def confidence_vs_champion(runs: pd.DataFrame, champion: pd.Series, metric: str 
 
 # %% ../nbs/20_select_champion.ipynb #3c419286
 def load_run_model(run_id: str, uri: str | None = None) -> ModelBase:
-    "Unpickle the `model/model.pkl` artifact of an MLflow run."
+    "Unpickle the `estimator/model.pkl` artifact of an MLflow run."
     client = check_tracking(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run_id, "model/model.pkl", tmp)
+        path = client.download_artifacts(run_id, "estimator/model.pkl", tmp)
         with open(path, "rb") as f:
             return pickle.load(f)
-
-def data_checksum(data: RecoData) -> str:
-    "sha256 of the interactions (user, item, time), to tie an export to the data it was computed from."
-    frame = data.interactions[[Columns.User, Columns.Item, Columns.Datetime]]
-    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()
 
 def seen_csr(data: RecoData, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "Seen items of each of `users` (sorted) in CSR layout: (indptr, items)."
@@ -125,8 +123,8 @@ def export_models(data: RecoData, models: dict[str, tuple[ModelBase, Any]], fold
     return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular.index.to_numpy(), meta=meta)
 
 def build_export(data: RecoData, runs: dict[str, pd.Series], champion: pd.Series, folder: str | Path, *, depth: int = 30,
-                 version: ModelVersion | None = None, alias: str = CHAMPION_ALIAS, uri: str | None = None, log=print) -> Path:
-    "Export the model artifacts of the given runs (the best per served model), with the champion in the manifest."
+                 registered: tuple[str, str] | None = None, uri: str | None = None, log=print) -> Path:
+    "Export the estimators of the given runs (the best per served model), with the champion (and its registry name, alias)."
     models = {}
     for name, run in runs.items():
         params = {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.") and isinstance(v, str)}
@@ -136,8 +134,7 @@ def build_export(data: RecoData, runs: dict[str, pd.Series], champion: pd.Series
     meta = {
         "champion": {"model": champion["tags.model"], "run_id": champion["run_id"], "run_name": champion["tags.mlflow.runName"],
                      **scores(champion), "protocol": champion["tags.protocol"], "split": champion["tags.split"],
-                     "registered_model": version.name if version else None,
-                     "version": str(version.version) if version else None, "alias": alias if version else None},
+                     "registered_model": registered[0] if registered else None, "alias": registered[1] if registered else None},
         "models": {name: {"run_id": run["run_id"], "run_name": run["tags.mlflow.runName"], **scores(run)}
                    for name, run in runs.items()},
     }
@@ -145,8 +142,29 @@ def build_export(data: RecoData, runs: dict[str, pd.Series], champion: pd.Series
 
 def fetch_champion_export(dest: str | Path, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS,
                           uri: str | None = None) -> Path:
-    "Download the `export/` artifact of the run behind `<name>@<alias>` into `dest` (for a service on another host)."
+    "Download the export inside the registered model `<name>@<alias>` into `dest`, verified (for a service on another host)."
+    return download_export(f"models:/{name}@{alias}", dest, tracking=check_tracking(uri).tracking_uri)
+
+# %% ../nbs/20_select_champion.ipynb #63308208
+def subset_export(folder: str | Path, models: list[str], dest: str | Path) -> Path:
+    "A new export in `dest` with only `models`' lists from the export in `folder` (same users, seen items, fallback)."
+    export = load_export(folder)
+    meta = {k: v for k, v in export.manifest.items() if k not in ("format_version", "created_at", "n_users", "depth", "files")}
+    meta["models"] = {m: export.manifest["models"].get(m, {}) for m in models}
+    return write_export(dest, users=np.asarray(export.users), topk={m: np.asarray(export.topk[m]) for m in models},
+                        seen=(np.asarray(export.seen_indptr), np.asarray(export.seen_items)), popular=np.asarray(export.popular),
+                        meta=meta)
+
+def publish_models(runs: dict[str, pd.Series], champion: pd.Series, folder: str | Path, *, k: int = 10,
+                   uri: str | None = None, log=print) -> None:
+    "Log each served run's MLflow model at `model/`: the champion's over the whole export, the others' over their own lists."
     client = check_tracking(uri)
-    version = client.get_model_version_by_alias(name, alias)
-    Path(dest).mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(version.run_id, "export", str(dest)))
+    for name, run in runs.items():
+        has_model = "model/MLmodel" in {a.path for a in client.list_artifacts(run["run_id"], "model")}
+        if run["run_id"] == champion["run_id"]:
+            log_export_model(client, run["run_id"], folder, name, k=k)
+            log(f"{name}: MLflow model over the whole export logged to run {run['tags.mlflow.runName']}")
+        elif not has_model:
+            with tempfile.TemporaryDirectory() as tmp:
+                log_export_model(client, run["run_id"], subset_export(folder, [name], Path(tmp) / "export"), name, k=k)
+            log(f"{name}: MLflow model over its own lists logged to run {run['tags.mlflow.runName']}")

@@ -10,6 +10,7 @@ import reco_lab.core  # noqa: F401
 
 import argparse
 import sys
+from pathlib import Path
 
 # %% ../nbs/05_cli.ipynb #a40f1452
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -24,13 +25,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reco_lab.data import parse_dataset
     from reco_lab.evaluation import fold_summary
     from reco_lab.experiment import setup
-    from reco_lab.runner import parse_grid, parse_only, plan, run_study, write_reports
+    from reco_lab.runner import parse_grid, parse_only, plan, run_study, writable_dir, write_reports
     from reco_lab.tracking import check_tracking
 
     parse_dataset(args.dataset)
     check_tracking()  # all of these fail fast, before the data is loaded
     only, grid = parse_only(args.only), parse_grid(args.grid)
     plan(only, grid)
+    for folder, option in ((args.output_dir, "--output-dir"), (args.reports_dir, "--reports-dir")):
+        if folder:
+            writable_dir(Path(folder), option)
     data, protocol, folds = setup(args.dataset, args.protocol, quick=args.quick)
     folds_table = fold_summary(folds)
     print(data.summary().to_string(), end="\n\n")

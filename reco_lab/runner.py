@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['STUDY', 'PROTOCOL_NOTES', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only', 'declared_parameters',
-           'parameter_type', 'checked_value', 'plan', 'render_html', 'execute_job', 'Study', 'writable_dir',
-           'study_dirs', 'run_study', 'study_runs', 'fold_values', 'leaderboard', 'champion_run_id', 'plot_als_curves',
-           'display_uri', 'write_reports', 'results_markdown']
+           'parameter_type', 'checked_value', 'plan', 'render_html', 'execute_job', 'attach_notebook', 'Study',
+           'writable_dir', 'study_dirs', 'run_study', 'study_runs', 'fold_values', 'leaderboard', 'champion_run_id',
+           'plot_als_curves', 'display_uri', 'write_reports', 'results_markdown']
 
 # %% ../nbs/07_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
@@ -180,6 +180,17 @@ def execute_job(job: Job, out: Path, index: int, params: dict[str, Any]) -> Path
     render_html(target)
     return target
 
+def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int:
+    "Log an executed notebook's HTML (`notebook/<name>.html`) to the study's runs it made (`notebook` None: to all of them)."
+    client = check_tracking()
+    count = 0
+    for experiment in ("candidates", "ranker", "tuning"):
+        runs = search_runs(experiment, study_id=study_id, **({"mlflow.source.name": f"{notebook}.ipynb"} if notebook else {}))
+        for run_id in runs.get("run_id", []):
+            client.log_artifact(run_id, str(html_path), "notebook")
+            count += 1
+    return count
+
 @dataclass
 class Study:
     "What a study run produced."
@@ -246,6 +257,8 @@ def run_study(dataset: str = "ml-100k", *, protocol: str = "", only: list[str] |
         log(f"[{i}/{len(jobs)}] {job.label} ...")
         t0 = time.perf_counter()
         done.append(execute_job(job, out, i, {k: v for k, v in common.items() if k in declared_parameters(job.notebook)}))
+        # every number a run holds links to the notebook that produced it; the champion's logs intervals to all runs
+        attach_notebook(done[-1].with_suffix(".html"), study_id, None if job.name == "champion" else job.notebook)
         log(f"[{i}/{len(jobs)}] {job.label} done in {time.perf_counter() - t0:.0f} s")
     return Study(study_id, dataset, protocol, out, reports, done, time.perf_counter() - start, quick, full)
 

@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'MODELS', 'BATCH', 'SELECTION_METRIC', 'REGISTERED_MODEL', 'CHAMPION_ALIAS', 'TrackingUnavailable',
            'local_store', 'tracking_uri', 'experiment_name', 'check_tracking', 'get_experiment_id', 'run_name',
-           'git_commit', 'EpochLogger', 'Run', 'tracked_run', 'runs_frame', 'search_runs', 'champion_alias',
-           'comparable_runs', 'rank_runs']
+           'git_state', 'source_tags', 'EpochLogger', 'Run', 'tracked_run', 'runs_frame', 'search_runs',
+           'champion_alias', 'comparable_runs', 'rank_runs']
 
 # %% ../nbs/03_tracking.ipynb #42711f7e
 import reco_lab.core  # noqa: F401
 
+import getpass
 import math
 import os
 import pickle
@@ -98,17 +99,24 @@ def run_name(model: str, params: dict[str, Any], key_params: tuple[str, ...] = (
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"{model}_{keys}-{stamp}" if keys else f"{model}-{stamp}"
 
-def git_commit(root: Path | None = None) -> str:
-    "The checkout's HEAD commit (with `-dirty` if it has changes), or `unknown` outside git."
+def git_state(root: Path | None = None) -> tuple[str, bool]:
+    "The checkout's HEAD commit and whether tracked files have changes; (`unknown`, False) outside git."
     root = root or project_root()
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        return "unknown", False
     if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        return "unknown", False
+    return head.stdout.strip(), bool(dirty.stdout.strip())
+
+def source_tags(notebook: str | None) -> dict[str, str]:
+    "MLflow's standard source tags: the git commit (and whether the checkout had changes), the source, the user."
+    commit, dirty = git_state()
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.name": notebook or "",
+            "mlflow.source.type": "NOTEBOOK" if notebook and notebook.endswith(".ipynb") else "LOCAL",
+            "mlflow.user": getpass.getuser()}
 
 # %% ../nbs/03_tracking.ipynb #01d47a61
 class EpochLogger:
@@ -171,13 +179,13 @@ class Run:
         return summary
 
     def log_model(self, model: Any, name: str = "model.pkl") -> float:
-        "Pickle `model` as the run's artifact `model/<name>`, log and return `model_size_mb`."
+        "Pickle `model` as the run's artifact `estimator/<name>`, log and return `model_size_mb`."
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             with open(path, "wb") as f:
                 pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
             size_mb = path.stat().st_size / 2**20
-            self.client.log_artifact(self.run_id, str(path), artifact_path="model")
+            self.client.log_artifact(self.run_id, str(path), artifact_path="estimator")
         self.client.log_metric(self.run_id, "model_size_mb", size_mb)
         return size_mb
 
@@ -198,8 +206,7 @@ def tracked_run(model: str, params: dict[str, Any], *, dataset: str, protocol: s
     all_params = {"model": model, **params}
     name = run_name(model, all_params, key_params)
     all_tags = {"dataset": dataset, "protocol": protocol, "study_id": study_id, "quick": str(bool(quick)).lower(),
-                "git_commit": git_commit(), "model": model, "mlflow.source.name": notebook or "",
-                "source_notebook": notebook or "", **(tags or {})}
+                "model": model, **source_tags(notebook), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
