@@ -19,6 +19,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,16 @@ def _bad_row(file: Path, column: str, raw: pd.Series, bad: pd.Series, what: str)
     i = int(np.flatnonzero(bad.to_numpy())[0])
     return DataError(f"{file}: column {column!r}, line {i + 2}: {raw.iloc[i]!r} {what} ({int(bad.sum())} bad rows in all)")
 
-def _parse_numbers(file: Path, frame: pd.DataFrame, column: str, *, required: bool, non_negative: bool = False) -> pd.Series:
+def _beyond_int64(raw: pd.Series, values: pd.Series) -> pd.Series:
+    "Rows whose whole number does not fit int64 (floats near the edge are checked exactly, on the text)."
+    if values.dtype.kind == "i":
+        return pd.Series(False, index=values.index)
+    big = (values.abs() >= 2.0**62).fillna(False)
+    exact = raw[big].map(lambda text: not -(2**63) <= int(Decimal(str(text).strip())) < 2**63)
+    return big & exact.reindex(values.index, fill_value=False).astype(bool)
+
+def _parse_numbers(file: Path, frame: pd.DataFrame, column: str, *, required: bool, non_negative: bool = False,
+                   integer: bool = False) -> pd.Series:
     raw = frame[column]
     values = pd.to_numeric(raw, errors="coerce")
     empty = raw.isna() | (raw.astype(str).str.strip() == "")
@@ -205,6 +215,12 @@ def _parse_numbers(file: Path, frame: pd.DataFrame, column: str, *, required: bo
         raise _bad_row(file, column, raw, empty, "is empty")
     if (bad := values.isna() & ~empty).any():
         raise _bad_row(file, column, raw, bad, "is not a number")
+    if values.dtype.kind == "f" and (bad := pd.Series(np.isinf(values.to_numpy()), index=values.index)).any():
+        raise _bad_row(file, column, raw, bad, "is not a finite number")
+    if integer and values.dtype.kind == "f" and (bad := (values % 1 != 0) & values.notna()).any():
+        raise _bad_row(file, column, raw, bad, "is not an integer")
+    if integer and (bad := _beyond_int64(raw, values)).any():
+        raise _bad_row(file, column, raw, bad, "does not fit a 64-bit integer")
     if non_negative and (bad := values < 0).any():
         raise _bad_row(file, column, raw, bad.fillna(False), "is negative")
     return values
@@ -213,10 +229,16 @@ def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
     path = folder / name
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty: expected a header ({', '.join(KION_COLUMNS[name])}) and rows") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not a readable CSV file: {e}") from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read: {e.strerror or e}") from None
     if missing := [c for c in KION_COLUMNS[name] if c not in frame.columns]:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")
+    if frame.empty:
+        raise DataError(f"{path} has a header but no rows")
     return frame
 
 def load_kion(path: str | Path) -> RecoData:
@@ -229,27 +251,27 @@ def load_kion(path: str | Path) -> RecoData:
     raw = {name: _read_kion_file(folder, name) for name in KION_COLUMNS}
     f_inter, f_users, f_items = (folder / n for n in KION_COLUMNS)
     inter = raw["interactions.csv"]
-    user_ids = _parse_numbers(f_inter, inter, "user_id", required=True)
-    item_ids = _parse_numbers(f_inter, inter, "item_id", required=True)
+    user_ids = _parse_numbers(f_inter, inter, "user_id", required=True, non_negative=True, integer=True)
+    item_ids = _parse_numbers(f_inter, inter, "item_id", required=True, non_negative=True, integer=True)
     dates = pd.to_datetime(inter["last_watch_dt"], format="%Y-%m-%d", errors="coerce")
     if (bad := dates.isna()).any():
         raise _bad_row(f_inter, "last_watch_dt", inter["last_watch_dt"], bad, "is not a date (YYYY-MM-DD)")
-    total_dur = _parse_numbers(f_inter, inter, "total_dur", required=True, non_negative=True)
+    total_dur = _parse_numbers(f_inter, inter, "total_dur", required=True, non_negative=True, integer=True)
     watched = _parse_numbers(f_inter, inter, "watched_pct", required=False, non_negative=True)
     interactions = pd.DataFrame({
         Columns.User: user_ids.astype(np.int64), Columns.Item: item_ids.astype(np.int64), Columns.Weight: 1.0,
         Columns.Datetime: dates, "total_dur": total_dur.astype(np.int64), "watched_pct": watched.fillna(0).astype(float),
     })
     users = raw["users.csv"]
-    users[Columns.User] = _parse_numbers(f_users, users, "user_id", required=True).astype(np.int64)
-    users["kids_flg"] = _parse_numbers(f_users, users, "kids_flg", required=False).astype("Int64").astype(str).replace("<NA>", None)
+    users[Columns.User] = _parse_numbers(f_users, users, "user_id", required=True, non_negative=True, integer=True).astype(np.int64)
+    users["kids_flg"] = _parse_numbers(f_users, users, "kids_flg", required=False, integer=True).astype("Int64").astype(str).replace("<NA>", None)
     items = raw["items.csv"]
-    items[Columns.Item] = _parse_numbers(f_items, items, "item_id", required=True).astype(np.int64)
-    year = _parse_numbers(f_items, items, "release_year", required=False)
+    items[Columns.Item] = _parse_numbers(f_items, items, "item_id", required=True, non_negative=True, integer=True).astype(np.int64)
+    year = _parse_numbers(f_items, items, "release_year", required=False, integer=True)
     items["release_year"] = year.astype("Int64")
     items["release_decade"] = (year // 10 * 10).astype("Int64").astype(str).replace("<NA>", None)
-    items["for_kids"] = _parse_numbers(f_items, items, "for_kids", required=False).astype("Int64").astype(str).replace("<NA>", None)
-    items["age_rating"] = _parse_numbers(f_items, items, "age_rating", required=False).astype("Int64").astype(str).replace("<NA>", None)
+    items["for_kids"] = _parse_numbers(f_items, items, "for_kids", required=False, integer=True).astype("Int64").astype(str).replace("<NA>", None)
+    items["age_rating"] = _parse_numbers(f_items, items, "age_rating", required=False, integer=True).astype("Int64").astype(str).replace("<NA>", None)
     return RecoData(f"kion:{folder}", interactions, users, items, KION_USER_FEATURES, KION_ITEM_FEATURES,
                     {"genres": ",", "countries": ","})
 

@@ -37,3 +37,69 @@ def test_a_checksum_mismatch_caches_nothing(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="fail their sha256 check: ml-100k.user"):
         ml100k_files(tmp_path)
     assert not (tmp_path / "ml-100k").exists()
+
+
+# --- Kion files a careless user or an attacker could hand over (issue 14, items 6 and 7) ----------------------
+
+def kion_folder(tmp_path, edit_interactions=None):
+    "A small valid Kion folder from synthetic data; `edit_interactions(lines)` rewrites interactions.csv."
+    from reco_lab.data import make_synthetic, write_kion
+
+    folder = write_kion(make_synthetic(300, 100, 2_000, seed=3), tmp_path / "kion")
+    if edit_interactions:
+        path = folder / "interactions.csv"
+        path.write_text(edit_interactions(path.read_text().splitlines()))
+    return folder
+
+
+def with_value(column: str, value: str, line: int = 7):
+    "Put `value` into `column` on file line `line` (1 = the header)."
+    from reco_lab.data import KION_COLUMNS
+
+    def edit(lines):
+        cells = lines[line - 1].split(",")
+        cells[KION_COLUMNS["interactions.csv"].index(column)] = value
+        return "\n".join(lines[:line - 1] + [",".join(cells)] + lines[line:]) + "\n"
+    return edit
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("user_id", "99999999999999999999", "does not fit a 64-bit integer"),
+    ("item_id", "1.5", "is not an integer"),
+    ("total_dur", "inf", "is not a finite number"),
+    ("watched_pct", "-inf", "is not a finite number"),
+    ("user_id", "-1", "is negative"),
+])
+def test_kion_rejects_values_pandas_would_silently_change(tmp_path, column, value, message):
+    from reco_lab.data import load_kion
+
+    folder = kion_folder(tmp_path, with_value(column, value))
+    with pytest.raises(DataError) as raised:
+        load_kion(folder)
+    text = str(raised.value)
+    assert text.startswith(f"{folder / 'interactions.csv'}: column {column!r}, line 7: {value!r} {message}"), text
+
+
+@pytest.mark.parametrize("content,message", [("", "is empty"), (None, "has a header but no rows")])
+def test_kion_empty_or_header_only_file_is_one_clear_error(tmp_path, content, message):
+    from reco_lab.data import load_kion
+
+    folder = kion_folder(tmp_path, lambda lines: (lines[0] + "\n") if content is None else content)
+    with pytest.raises(DataError, match=f"interactions.csv {message}"):
+        load_kion(folder)
+
+
+def test_the_cli_stops_before_any_training_with_one_line(tmp_path, mlflow_uri):
+    "The id that used to become INT64_MIN (and a study that exited 0), and the header-only file (ZeroDivisionError)."
+    from conftest import ROOT, run, tool
+
+    bad_id = kion_folder(tmp_path / "a", with_value("user_id", "99999999999999999999"))
+    done = run([tool("reco-lab"), "run", "--dataset", f"kion:{bad_id}", "--quick", "--only", "popular",
+                "--output-dir", str(tmp_path / "out"), "--reports-dir", str(tmp_path / "reports")], cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{bad_id / 'interactions.csv'}: column 'user_id', line 7: '99999999999999999999'" in done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.ipynb"))  # nothing ran
+    header_only = kion_folder(tmp_path / "b", lambda lines: lines[0] + "\n")
+    done = run([tool("reco-lab"), "summary", "--dataset", f"kion:{header_only}"], cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
+    assert "interactions.csv has a header but no rows" in done.stderr
