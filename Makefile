@@ -1,6 +1,10 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and pip:
 #   make run   - create .venv, install reco_lab, run the study on MovieLens-100k (embedded MLflow store)
-#   make test  - install the dev extras into the same .venv and run the whole test suite
+#   make test  - install the dev extras into the same .venv, the system parts the tests use (as root with apt:
+#                PostgreSQL, docker.io, docker-compose, debootstrap, wrk) and run the whole test suite
+# The images (a Docker engine; wheels downloaded on the host, no network inside the builds):
+#   make docker-image         - reco-lab-service, the API
+#   make docker-mlflow-image  - reco-lab/mlflow:<version>, the tracking server of the compose tracking profiles
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -9,7 +13,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 RUN_ARGS ?=
 
-.PHONY: run test install install-dev sync-check nbdev-test pytest clean-nbs export readme serve profile bench-serve bench-als bench-scale
+.PHONY: run test install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +33,13 @@ install-dev: $(DEV_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/reco-lab run $(RUN_ARGS)
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) system-parts
 	$(MAKE) --no-print-directory sync-check nbdev-test pytest
+
+# PostgreSQL's server, the Docker engine, docker-compose, debootstrap and wrk: installed with apt when run as root,
+# else listed as missing (the tests that need them skip and say why)
+system-parts:
+	@scripts/install-system-parts
 
 # the library must be exactly what the notebooks export
 sync-check: $(DEV_STAMP)
@@ -42,8 +51,9 @@ nbdev-test: $(DEV_STAMP)
 	$(BIN)/python -c "from reco_lab.tracking import check_tracking; check_tracking()" && \
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
+# -rs: every skipped test says why (a missing system part, no Docker engine)
 pytest: $(DEV_STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -rs
 
 # authoring helpers
 export: $(DEV_STAMP)
@@ -64,3 +74,20 @@ bench-als: $(RUN_STAMP)
 	$(BIN)/reco-lab bench als-logging --report reports/bench_als_logging.md
 bench-scale: $(RUN_STAMP)
 	$(BIN)/reco-lab bench scale
+
+# the images; DOCKER is the CLI, PYTHON_IMAGE the base (where no registry answers: scripts/build-python-standin)
+DOCKER ?= docker
+PYTHON_IMAGE ?= python:3.11.11-slim-bookworm
+SERVICE_IMAGE ?= reco-lab-service
+MLFLOW_IMAGE ?= reco-lab/mlflow:$(shell sed -n 's/^mlflow==//p' docker/mlflow-requirements.txt)
+docker-base:
+	@$(DOCKER) image inspect $(PYTHON_IMAGE) >/dev/null 2>&1 || $(DOCKER) pull $(PYTHON_IMAGE) >/dev/null || { \
+	  echo "make: no base image $(PYTHON_IMAGE) and no registry to pull it from; build the local stand-in with" >&2; \
+	  echo "  scripts/build-python-standin   then   make $(MAKECMDGOALS) PYTHON_IMAGE=reco-lab/python-standin:3.11-bookworm" >&2; \
+	  exit 1; }
+docker-image: docker-base | $(RUN_STAMP)
+	PYTHON=$(BIN)/python scripts/docker-wheels docker/service-requirements.txt docker/wheels/service "setuptools>=64"
+	$(DOCKER) build --network none --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -t $(SERVICE_IMAGE) .
+docker-mlflow-image: docker-base | $(RUN_STAMP)
+	PYTHON=$(BIN)/python scripts/docker-wheels docker/mlflow-requirements.txt docker/wheels/mlflow
+	$(DOCKER) build --network none --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -f docker/mlflow.Dockerfile -t $(MLFLOW_IMAGE) docker
