@@ -45,7 +45,7 @@ def bench_als_logging(n_users: int = 100_000, factors: int = 64, epochs: int = 1
     logging_s = []  # time spent in the tracking itself: the per-epoch callbacks and the final batch
 
     def tracked() -> float:
-        with tracked_run("als", params, dataset=data.name, splitter="none", uri=uri, experiment="bench") as run:
+        with tracked_run("als", params, dataset=data.name, protocol="none", uri=uri, experiment="bench") as run:
             spent = [0.0]
 
             def on_epoch(epoch: int, loss: float) -> None:
@@ -168,7 +168,7 @@ def bench_scale(n_users: int = 1_000_000, n_items: int = 15_000, n_interactions:
         data = make_synthetic(n_users, n_items, n_interactions, seed=0)
         st.notes |= {"interactions": len(data.interactions), "users": int(data.interactions[Columns.User].nunique())}
     with timer.stage("folds: one 7-day window") as st:
-        fold = time_folds(data, "time", 1)[0]
+        fold = time_folds(data, "time", 1, validation=False)[0]
         st.notes |= {"train": len(fold.train_interactions), "test users": len(fold.test_users)}
     train = interactions_only(fold.train)
     matrix = train.get_user_item_matrix(include_weights=True).astype(np.float32)
@@ -177,7 +177,7 @@ def bench_scale(n_users: int = 1_000_000, n_items: int = 15_000, n_interactions:
         bare = AlternatingLeastSquares(factors=64, regularization=0.05, alpha=5.0, iterations=als_epochs,
                                        calculate_training_loss=True, random_state=0, num_threads=2)
         bare.fit(matrix, show_progress=False)
-    with tracked_run("als", als_params, dataset=data.name, splitter="time", uri=uri, experiment="scale") as run:
+    with tracked_run("als", als_params, dataset=data.name, protocol="time", uri=uri, experiment="scale") as run:
         with timer.stage(f"ALS: reco_lab, {als_epochs} epochs, loss logged per epoch to MLflow") as st:
             als = als_module.fit_epochs(als_module.make_model(als_params), train, als_epochs,
                                         on_epoch=lambda e, l: run.curves.log("loss_fold_0", l, e))

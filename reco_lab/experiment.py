@@ -14,6 +14,7 @@ import reco_lab.core  # noqa: F401
 import hashlib
 import importlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -74,8 +75,9 @@ def param(params: dict[str, Any], key: str, default: Any) -> Any:
 
 # %% ../nbs/04_experiment.ipynb #4fdad787
 def config_path(dataset: str) -> Path:
-    "`configs/<dataset kind>.yaml` in the repository (`ml-100k`, `kion`, `synthetic`)."
-    return project_root() / "configs" / f"{dataset.split(':')[0]}.yaml"
+    "`<RECO_LAB_CONFIG_DIR or configs/>/<dataset kind>.yaml` (`ml-100k`, `kion`, `synthetic`)."
+    folder = Path(os.environ.get("RECO_LAB_CONFIG_DIR") or project_root() / "configs").expanduser()
+    return folder / f"{dataset.split(':')[0]}.yaml"
 
 def tuned_config(dataset: str) -> dict[str, Any]:
     "The tuned values committed for `dataset` (model -> {params, best_val_map_at_10, ...}); empty when none."
@@ -102,7 +104,9 @@ def resolve_params(name: str, dataset: str, given: dict[str, Any] | None = None)
 def params_source(name: str, dataset: str) -> str:
     "Where `resolve_params` found tuned values: the config file relative to the repository, or `defaults`."
     path = config_path(dataset)
-    return str(path.relative_to(project_root())) if name in tuned_config(dataset) else "defaults"
+    if name not in tuned_config(dataset):
+        return "defaults"
+    return str(path.relative_to(project_root())) if path.is_relative_to(project_root()) else str(path)
 
 # %% ../nbs/04_experiment.ipynb #7780e760
 def setup(dataset: str = "ml-100k", protocol: str = "", n_folds: int = 3, quick: bool = False,

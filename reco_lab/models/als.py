@@ -38,7 +38,7 @@ def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
 
 def search_space(trial, model: str = "als") -> dict[str, Any]:
     "What `reco-lab tune` may try: factors, regularization, confidence weight alpha, epochs."
-    return {"factors": trial.suggest_categorical("factors", [16, 32, 64, 128, 256]),
+    return {"factors": trial.suggest_categorical("factors", [8, 16, 32, 64, 128, 256]),
             "regularization": trial.suggest_float("regularization", 1e-3, 10.0, log=True),
             "alpha": trial.suggest_float("alpha", 0.1, 50.0, log=True),
             "epochs": trial.suggest_int("epochs", 2, 40)}

@@ -135,7 +135,7 @@ class RankerFeatures(CandidateFeatureCollector):
         # items, as of each (item, reference time) pair the candidates need
         pairs = pd.DataFrame({Columns.Item: useritem[Columns.Item].to_numpy(),
                               "now": now.reindex(useritem[Columns.User]).fillna(now.max()).to_numpy().astype(np.int64)})
-        keys = pairs.drop_duplicates(ignore_index=True)
+        keys = pairs.drop_duplicates(ignore_index=True).copy()
         it, t = keys[Columns.Item].to_numpy(), keys["now"].to_numpy()
         keys["item_n"] = timeline.count(it, t)
         keys["item_n_7d"] = timeline.count(it, t, t - 7 * 86_400)
