@@ -173,6 +173,11 @@ def stop_dockerd(proc: subprocess.Popen, run_dir: Path) -> list[str]:
         if str(run_dir) in cmd:
             left.append(f"{p.pid} {cmd[:120]}")
             p.kill()
+    # dockerd leaves the host's network namespace bound under its exec root (netns/default) once a container has
+    # used the host network
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{run_dir}/")), reverse=True):
+        run(["umount", "--lazy", mount])
     return left
 
 
