@@ -1,8 +1,5 @@
 "The recommendation service against a live `reco-lab serve` over HTTP: contract, auth, Sentry envelopes, ECS logs, start-up checks, fuzzing."
-import gzip
-import http.server
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +8,7 @@ import pytest
 
 from reco_lab.data import make_synthetic
 from reco_lab.export import load_export
-from reco_lab.service.bench import ServiceFailed, free_port, live_service
+from reco_lab.service.bench import SentrySink, ServiceFailed, free_port, live_service
 from reco_lab.service.demo import build_demo_export
 
 TOKEN = "t0ken-for-tests-only"
@@ -26,56 +23,6 @@ def export_dir(tmp_path_factory):
 def warm_user(export_dir):
     export = load_export(export_dir)
     return next(int(u) for u in export.users if u % 666)
-
-
-class SentrySink:
-    "A local HTTP endpoint that receives the Sentry SDK's envelopes (the SDK's own testing pattern)."
-
-    def __init__(self):
-        self.envelopes: list[dict] = []
-        sink = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                sink.envelopes.append({"path": self.path, "headers": dict(self.headers), "raw": body, "items": _parse_envelope(body)})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.dsn = f"http://key@127.0.0.1:{self.server.server_port}/1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self, timeout: float = 10.0, count: int = 1) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [i for e in self.envelopes for i in e["items"] if i.get("exception")]
-            if len(found) >= count:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"expected {count} Sentry event(s), got {len(found)}")
-
-
-def _parse_envelope(body: bytes) -> list[dict]:
-    lines = body.split(b"\n")
-    items, i = [], 1
-    while i + 1 < len(lines):
-        header = json.loads(lines[i])
-        if "length" in header:  # the payload may contain newlines; the length is authoritative
-            start = sum(len(l) + 1 for l in lines[: i + 1])
-            payload = body[start:start + header["length"]]
-            i += 1 + payload.count(b"\n") + 1
-        else:
-            payload = lines[i + 1]
-            i += 2
-        if header.get("type") == "event":
-            items.append(json.loads(payload))
-    return items
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import reco_lab.core  # noqa: F401
 import logging
 import logging.config
 import os
+import random
 import time
 from typing import Any
 
@@ -110,7 +111,8 @@ def init_sentry(secrets: tuple[str, ...] = (), *, asgi: bool = False, **options:
 
 def new_trace_id() -> str | None:
     "A fresh trace id for a request (32 hex digits, the form Sentry's trace context takes), None when Sentry is off."
-    return os.urandom(16).hex() if sentry_sdk.is_initialized() else None
+    # an id, not a secret: the Mersenne Twister (0.3 us) instead of os.urandom (about 5 us here, a system call)
+    return f"{random.getrandbits(128):032x}" if sentry_sdk.is_initialized() else None
 
 # %% ../../nbs/30_service_logging.ipynb #74cef98b
 INT64 = 2**63

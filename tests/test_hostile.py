@@ -1,0 +1,442 @@
+"""Hostile input and faults against a live `reco-lab serve`, over real keep-alive connections (issue 14).
+
+A raw-socket client plays the attacker and the careless user: it sends exactly the bytes it means, pipelines
+requests, stalls half-way and opens more connections than the worker allows. Sentry goes to a local sink. Each
+defect of the issue has a test here; the property-based test at the end sends arbitrary path segments."""
+import json
+import re
+import socket
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reco_lab.data import make_synthetic
+from reco_lab.export import load_export
+from reco_lab.service.bench import SentrySink, live_service
+from reco_lab.service.demo import build_demo_export
+from reco_lab.service.server import server_stack
+
+TOKEN = "hostile-t0ken"
+STACKS = ["h11"] + (["httptools"] if server_stack("auto")[0] == "httptools" else [])
+INT64 = 2**63
+
+
+# --- a raw HTTP/1.1 client --------------------------------------------------------------------------------------
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Connection:
+    "One keep-alive HTTP/1.1 connection over a raw socket: send exact bytes, read whole Content-Length-framed answers."
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        host, port = url.split("://", 1)[1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, *requests: bytes) -> "Connection":
+        self.sock.sendall(b"".join(requests))
+        return self
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += chunk
+
+    def response(self, head: bool = False) -> Response:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        raw, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = raw.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        if head:
+            body = b""
+        elif "content-length" in headers:
+            body = self._exactly(int(headers["content-length"]))
+        else:  # uvicorn's h11 400 comes chunked
+            body = b""
+            while size := int(self._line(), 16):
+                body += self._exactly(size)
+                self._line()
+            self._line()
+        return Response(int(status_line.split()[1]), headers, body)
+
+    def _exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self._fill()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def closed_by_server(self, timeout: float = 10.0) -> bool:
+        "True once the server closes the connection (whatever it sent before), False if it is still open after `timeout`."
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def request(path: str, token: str | None = None, method: str = "GET", headers: tuple[str, ...] = (), host: str = "testserver") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *([f"Authorization: Bearer {token}"] if token else []), *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def encode(segment: str | bytes) -> str:
+    "Percent-encode every byte of a path segment (lone surrogates become the invalid UTF-8 they would be on the wire)."
+    raw = segment if isinstance(segment, bytes) else segment.encode("utf-8", "surrogatepass")
+    return urllib.parse.quote(raw, safe="")
+
+
+class Log:
+    "The service's ECS lines, read as they come."
+
+    def __init__(self, service):
+        self.path, self.offset = service.log, 0
+
+    def skip(self) -> None:
+        "Ignore what was written so far (after a moment: a line is written just after its response is sent)."
+        time.sleep(0.2)
+        self.offset = self.path.stat().st_size
+
+    def new(self, access: int, timeout: float = 10.0) -> list[dict]:
+        "The lines written since the last call, once at least `access` of them are access lines."
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self.path.read_bytes()[self.offset:]
+            complete = data[: data.rfind(b"\n") + 1]
+            lines = [json.loads(line) for line in complete.splitlines() if line.startswith(b"{")]
+            if len(access_lines(lines)) >= access or time.monotonic() > deadline:
+                self.offset += len(complete)
+                return lines
+            time.sleep(0.01)
+
+
+def access_lines(lines: list[dict]) -> list[dict]:
+    return [line for line in lines if line.get("event", {}).get("dataset") == "reco_lab.access"]
+
+
+def problems(lines: list[dict]) -> list[dict]:
+    "Lines no hostile request may cause: errors other than the emulated failure, uvicorn's crash reports."
+    return [line for line in lines if (line["log.level"] in ("error", "critical") and line.get("error", {}).get("type") != "EmulatedFailure")
+            or "Exception in ASGI application" in line.get("message", "")]
+
+
+# --- services ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return build_demo_export(tmp_path_factory.mktemp("export") / "models", make_synthetic(400, 200, 4_000))
+
+
+@pytest.fixture(scope="module")
+def warm(export_dir) -> int:
+    return next(int(u) for u in load_export(export_dir).users if u % 666)
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def hostile(request, export_dir, tmp_path_factory):
+    "The demo configuration at its most exposed: token, error emulation, Sentry to a local sink; on each HTTP stack."
+    with SentrySink() as sink:
+        env = {"RECO_LAB_API_TOKEN": TOKEN, "RECO_LAB_EMULATE_ERRORS": "1", "SENTRY_DSN": sink.dsn, "SENTRY_ENVIRONMENT": "hostile"}
+        with live_service(export_dir, env=env, args=("--http", request.param),
+                          log=tmp_path_factory.mktemp("logs") / f"hostile-{request.param}.log") as service:
+            service.sink, service.stack = sink, request.param
+            yield service
+
+
+def sentry_types(sink: SentrySink) -> list[str]:
+    time.sleep(0.5)  # the SDK sends from a background thread
+    return [item["exception"]["values"][-1]["type"] for envelope in sink.envelopes for item in envelope["items"] if item.get("exception")]
+
+
+# --- 1. the access log: only the user id FastAPI validated ------------------------------------------------------
+
+FAMILY = ["--1", "²", "①", "₁", "١", "１", "1.5", "abc", "0x10", "1e3", "--0", "-" * 50 + "1"]  # 4300+ digits: see the request limits
+
+
+@pytest.mark.parametrize("token", [TOKEN, None], ids=["token", "401"])
+def test_segments_that_crashed_the_access_log_are_answered_logged_and_the_connection_survives(hostile, warm, token):
+    log = Log(hostile)
+    log.skip()
+    with Connection(hostile.url) as conn:
+        for segment in FAMILY:
+            conn.send(request(f"/reco/knn/{encode(segment)}", token), request(f"/reco/knn/{warm}", TOKEN))
+            first, second = conn.response(), conn.response()
+            assert first.status == (422 if token else 401), (segment, first)
+            assert second.status == 200 and second.json()["user_id"] == warm, segment
+    lines = log.new(access=2 * len(FAMILY))
+    access = access_lines(lines)
+    assert [line["http"]["response"]["status_code"] for line in access] == [422 if token else 401, 200] * len(FAMILY)
+    assert all("user_id" not in line["reco"] for line in access[::2]), access[::2]  # nothing validated, nothing logged
+    assert all(line["reco"]["user_id"] == warm for line in access[1::2])
+    assert not problems(lines), problems(lines)
+    assert "ValueError" not in sentry_types(hostile.sink)
+
+
+def test_ids_are_logged_as_validated_and_only_within_int64(hostile, warm):
+    log = Log(hostile)
+    log.skip()
+    cases = {"1_000": (200, 1000), "+7": (200, 7), "0": (200, 0), "-1": (404, -1), str(INT64 - 1): (404, INT64 - 1),
+             str(INT64): (404, None), "9" * 4000: (404, None), str(-INT64 - 1): (404, None)}
+    with Connection(hostile.url) as conn:
+        for segment, (status, _) in cases.items():
+            answer = conn.send(request(f"/reco/popular/{segment}", TOKEN)).response()
+            assert answer.status == status, (segment, answer)
+            if status == 404:
+                assert answer.json()["errors"][0]["error_key"] == "user_not_found"
+    access = access_lines(log.new(access=len(cases)))
+    assert [line["reco"].get("user_id") for line in access] == [logged for _, logged in cases.values()]
+
+
+# --- 2. Sentry cannot be made to starve the worker --------------------------------------------------------------
+
+def test_an_unknown_model_flood_sends_at_most_the_budget_and_no_large_locals(export_dir, warm, tmp_path):
+    with SentrySink() as sink:
+        env = {"SENTRY_DSN": sink.dsn, "RECO_LAB_SENTRY_EVENTS_PER_MINUTE": "3"}
+        with live_service(export_dir, env=env, log=tmp_path / "flood.log") as service, Connection(service.url) as conn:
+            start = time.monotonic()
+            for i in range(60):
+                assert conn.send(request(f"/reco/nosuch{i}/{warm}")).response().status == 404
+            refills = int((time.monotonic() - start) / 20)  # 3 a minute: one more every 20 s
+            events = sink.events(count=3)
+            time.sleep(1.0)
+            events = sink.events(count=3)
+    assert 3 <= len(events) <= 3 + refills, len(events)
+    frames = events[0]["exception"]["values"][-1]["stacktrace"]["frames"]
+    local = {f["function"]: f.get("vars", {}) for f in frames}
+    assert local["recommend"]["export"].startswith("Export(") and len(local["recommend"]["export"]) < 200, local["recommend"]
+    assert events[0]["tags"] == {"model_name": "nosuch0", "user_id": str(warm)} and events[0]["level"] == "warning"
+
+
+# --- 3. a 500 keeps the connection ------------------------------------------------------------------------------
+
+def test_the_emulated_failure_answers_500_and_keeps_the_connection(hostile, warm):
+    log = Log(hostile)
+    log.skip()
+    with Connection(hostile.url) as conn:
+        conn.send(request("/reco/als/1332", TOKEN), request(f"/reco/als/{warm}", TOKEN), request("/health"))
+        failed, after, health = conn.response(), conn.response(), conn.response()
+        assert failed.status == 500 and failed.json() == {"errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]}
+        assert failed.headers.get("connection") != "close"
+        assert (after.status, health.status) == (200, 200)
+        assert conn.send(request("/health")).response().status == 200  # still the same connection
+    lines = log.new(access=4)
+    errors = [line for line in lines if line["log.level"] == "error"]
+    assert len(errors) == 1 and errors[0]["error"]["type"] == "EmulatedFailure" and "recommend" in errors[0]["error"]["stack_trace"]
+    assert [line["http"]["response"]["status_code"] for line in access_lines(lines)] == [500, 200, 200, 200]
+    assert errors[0]["trace"]["id"] == access_lines(lines)[0]["trace"]["id"]
+    assert "EmulatedFailure" in sentry_types(hostile.sink)
+
+
+# --- 4. slow clients and exhaustion -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=STACKS)
+def limited(request, export_dir, tmp_path_factory):
+    "Small limits to reach them quickly: a head timeout of 2 s, 8 connections or requests in flight."
+    env = {"RECO_LAB_HEADER_TIMEOUT": "2", "RECO_LAB_LIMIT_CONCURRENCY": "8"}
+    with live_service(export_dir, env=env, args=("--http", request.param),
+                      log=tmp_path_factory.mktemp("logs") / f"limited-{request.param}.log") as service:
+        yield service
+
+
+def test_a_client_that_never_finishes_its_request_head_is_disconnected(limited):
+    with Connection(limited.url) as silent, Connection(limited.url) as partial, Connection(limited.url) as idle_after:
+        partial.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        idle_after.send(request("/health"))
+        assert idle_after.response().status == 200
+        idle_after.send(b"GET /health HTTP/1.1\r\n")  # a second request that stalls after its first line
+        assert silent.closed_by_server() and partial.closed_by_server() and idle_after.closed_by_server()
+
+
+def test_beyond_the_concurrency_limit_the_answer_is_a_json_503_and_the_worker_recovers(limited):
+    log = Log(limited)
+    log.skip()
+    holders = [Connection(limited.url) for _ in range(8)]
+    try:
+        time.sleep(0.2)
+        with Connection(limited.url) as extra:
+            answer = extra.send(request("/health")).response()
+            assert answer.status == 503 and answer.headers["retry-after"] == "1" and answer.headers["connection"] == "close"
+            assert answer.json()["errors"][0]["error_key"] == "service_unavailable"
+            assert extra.closed_by_server()
+    finally:
+        for conn in holders:
+            conn.close()
+    time.sleep(0.2)
+    with Connection(limited.url) as conn:
+        assert conn.send(request("/health")).response().status == 200
+    lines = log.new(access=1)
+    assert sum("concurrency limit reached" in line["message"] for line in lines) == 1
+
+
+def closed_now(conn: Connection) -> bool:
+    "Whether the server has closed the connection already, without waiting."
+    conn.sock.setblocking(False)
+    try:
+        return conn.sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(limited):
+    conns = [Connection(limited.url) for _ in range(40)]  # the cap is twice the concurrency limit: 16
+    try:
+        time.sleep(0.3)  # well within the 2 s head timeout, which would close them all
+        closed = [closed_now(conn) for conn in conns]
+        assert sum(closed) >= 20 and not any(closed[:10]), closed
+    finally:
+        for conn in conns:
+            conn.close()
+    time.sleep(0.2)
+    with Connection(limited.url) as conn:
+        assert conn.send(request("/health")).response().status == 200
+
+
+@pytest.mark.parametrize("headers,path,status", [
+    (("X-Fine: " + "a" * 8000,), "/health", 200),
+    (("X-Big: " + "a" * 9000,), "/health", 400),
+    ((), "/health?q=" + "a" * 5000, 400),
+    (tuple(f"X-H{i}: 1" for i in range(101)), "/health", 400),
+    ((), "/reco/knn/" + "9" * 4301, 400),  # an id of more than 4300 digits no longer reaches the app
+])
+def test_the_request_limits_are_gunicorns(limited, headers, path, status):
+    with Connection(limited.url) as conn:
+        assert conn.send(request(path, headers=headers)).response().status == status
+
+
+def test_running_out_of_file_descriptors_logs_little_and_the_worker_recovers(export_dir, tmp_path):
+    for stack in STACKS:
+        log = tmp_path / f"nofile-{stack}.log"
+        with live_service(export_dir, args=("--http", stack), log=log, open_files=128,
+                          env={"RECO_LAB_HEADER_TIMEOUT": "2"}) as service:
+            host, port = service.url.split("://")[1].rsplit(":", 1)
+            flood = []
+            for _ in range(400):
+                sock = socket.socket()
+                sock.setblocking(False)
+                try:
+                    sock.connect((host, int(port)))
+                except BlockingIOError:
+                    pass
+                flood.append(sock)
+            time.sleep(2.0)
+            for sock in flood:
+                sock.close()
+            deadline = time.monotonic() + 20
+            while True:  # answered again once the flood is gone: no restart
+                try:
+                    with Connection(service.url, timeout=2) as conn:
+                        if conn.send(request("/health")).response().status == 200:
+                            break
+                except OSError:
+                    assert time.monotonic() < deadline, log.read_text()[-2000:]
+                    time.sleep(0.2)
+        text = log.read_text()
+        assert text.count("out of system resource") <= 2 and len(text) < 50_000, (stack, len(text))
+        assert text.count("connection limit reached") <= 2
+
+
+# --- 5. smaller points ------------------------------------------------------------------------------------------
+
+def test_head_health_is_answered_without_a_body_on_a_kept_connection(hostile):
+    with Connection(hostile.url) as conn:
+        conn.send(request("/health", method="HEAD"), request("/health"))
+        head, get = conn.response(head=True), conn.response()
+        assert head.status == 200 and int(head.headers["content-length"]) == len(get.body) and get.json() == "I am alive"
+
+
+def test_the_trailing_slash_redirect_is_gone(hostile):
+    with Connection(hostile.url) as conn:
+        answer = conn.send(request("/health/", host="evil.example")).response()
+        assert answer.status == 404 and "location" not in answer.headers
+        assert answer.json()["errors"][0]["error_key"] == "not_found"
+
+
+def test_the_docs_can_be_turned_off(export_dir, tmp_path, hostile):
+    with Connection(hostile.url) as conn:
+        assert [conn.send(request(p)).response().status for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
+    with live_service(export_dir, env={"RECO_LAB_DOCS": "0"}, log=tmp_path / "nodocs.log") as service, Connection(service.url) as conn:
+        assert [conn.send(request(p)).response().status for p in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
+        assert conn.send(request("/health")).response().status == 200
+
+
+# --- property: arbitrary path segments over a kept connection ---------------------------------------------------
+
+segments = st.one_of(st.text(max_size=30), st.binary(max_size=30), st.sampled_from(FAMILY + ["1332", "+666", "0666", "666.0", "", ".", ".."]),
+                     st.integers(-(10**25), 10**25).map(str))
+
+
+def test_arbitrary_path_segments_get_one_answer_each_and_the_connection_survives(hostile, warm):
+    "Each hostile request is followed by a normal one on the same connection: both answered, no 5xx but the emulated failure, one access line each."
+    log = Log(hostile)
+    log.skip()
+    seen = {"requests": 0, "statuses": set()}
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(segment=segments, where=st.sampled_from(["user", "model", "path"]), token=st.booleans(), pipelined=st.booleans())
+    def check(segment, where, token, pipelined):
+        path = {"user": f"/reco/als/{encode(segment)}", "model": f"/reco/{encode(segment)}/{warm}", "path": f"/{encode(segment)}"}[where]
+        hostile_request, normal = request(path, TOKEN if token else None), request(f"/reco/knn/{warm}", TOKEN)
+        with Connection(hostile.url) as conn:
+            if pipelined:
+                first, second = conn.send(hostile_request, normal).response(), conn.response()
+            else:
+                first = conn.send(hostile_request).response()
+                second = conn.send(normal).response()
+        seen["requests"] += 2
+        seen["statuses"].add(first.status)
+        assert second.status == 200 and second.json()["user_id"] == warm, (path, second)
+        if first.status >= 400:
+            assert set(first.json()) == {"errors"}, (path, first)
+        else:
+            assert first.status == 200, (path, first)
+        lines = log.new(access=2)
+        access = access_lines(lines)
+        assert [line["http"]["response"]["status_code"] for line in access] == [first.status, 200], (path, access)
+        assert not problems(lines), problems(lines)
+        if first.status >= 500:
+            assert first.status == 500 and any(line.get("error", {}).get("type") == "EmulatedFailure" for line in lines), (path, lines)
+        for line in access:
+            user_id = line.get("reco", {}).get("user_id")
+            assert user_id is None or (isinstance(user_id, int) and -INT64 <= user_id < INT64)
+            if line["http"]["response"]["status_code"] in (401, 422):
+                assert user_id is None, line
+
+    check()
+    time.sleep(0.3)
+    assert len(access_lines(log.new(access=0, timeout=0))) == 0  # nothing after the last request: exactly one line each
+    assert seen["requests"] >= 300 and {401, 404, 422} <= seen["statuses"], seen["statuses"]
+    assert set(sentry_types(hostile.sink)) <= {"ModelNotFound", "EmulatedFailure"}
