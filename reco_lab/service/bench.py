@@ -185,6 +185,7 @@ class Load:
     p99_ms: float
     variant: str = ""
     round: int = 0
+    cpu_ms: float = float("nan")  # the worker's CPU time per request (user + system), when the benchmark knows its pid
 
 ALL_MODELS = "/reco (all models)"
 UNKNOWN_MODEL = "/reco/nosuch (unknown model)"
@@ -371,7 +372,7 @@ class Bench:
         health = frame[frame["target"] == "/health"].set_index("round")
         frame["rps_vs_health"] = frame["rps"] / frame["round"].map(health["rps"])
         frame["p99_vs_health"] = frame["p99_ms"] / frame["round"].map(health["p99_ms"])
-        columns = ["rps", "p50_ms", "p99_ms", "non_2xx", "rps_vs_health", "p99_vs_health"]
+        columns = ["rps", "p50_ms", "p99_ms", "non_2xx", "rps_vs_health", "p99_vs_health", "cpu_ms"]
         table = frame.groupby("target", sort=False)[columns].median()
         table.insert(4, "rounds", frame.groupby("target", sort=False).size())
         table["meets_target"] = (table["rps_vs_health"] >= 0.8) & (table["p99_vs_health"] <= 2.0)
@@ -391,15 +392,16 @@ class Bench:
             ratio = float((num["rps"] / den["rps"]).median())
             rows.append({"comparison": c.label, "ratio": ratio, "goal": c.goal, "meets_goal": None if c.goal is None else ratio >= c.goal,
                          "rps": float(num["rps"].median()), "against_rps": float(den["rps"].median()),
+                         "cpu_ms": float(num["cpu_ms"].median()), "against_cpu_ms": float(den["cpu_ms"].median()),
                          "non_2xx": int(num["non_2xx"].sum() + den["non_2xx"].sum()), "rounds": int((num["rps"] / den["rps"]).notna().sum())})
         return pd.DataFrame(rows)
 
     def capture_ms(self) -> float | None:
-        "Worker milliseconds one Sentry capture adds: unknown-model time per request, every event sent minus throttled."
+        "Worker CPU milliseconds one Sentry capture adds: unknown-model CPU per request, every event sent minus throttled."
         every, throttled = self._per_round("sentry, every event", UNKNOWN_MODEL), self._per_round("sentry", UNKNOWN_MODEL)
         if every.empty or throttled.empty:
             return None
-        return float((1000 / every["rps"] - 1000 / throttled["rps"]).median())
+        return float((every["cpu_ms"] - throttled["cpu_ms"]).median())
 
     def meets_goals(self) -> bool:
         "Every /reco meets its target against /health and every comparison with a goal meets it."
@@ -429,9 +431,12 @@ def bench_service(folder: str | Path | None = None, *, seconds: float = 3.0, con
         loads = []
         for r in range(repeats):
             for v, service in services.items():
+                worker = psutil.Process(service.pid)
                 for target in v.targets:
+                    before = sum(worker.cpu_times()[:2])
                     load = run_load(service.url, paths[target], seconds, connections, target, tool)
                     load.variant, load.round = v.name, r
+                    load.cpu_ms = (sum(worker.cpu_times()[:2]) - before) / max(load.requests, 1) * 1000
                     loads.append(load)
         events = {name: sink.event_count for name, sink in sinks.items()}
     shutil.rmtree(logs, ignore_errors=True)
@@ -448,7 +453,8 @@ def bench_report(bench: Bench) -> str:
     m = bench.meta
     table = bench.summary()
     shown = table.assign(rps=table["rps"].round(0), p50_ms=table["p50_ms"].round(2), p99_ms=table["p99_ms"].round(2),
-                         rps_vs_health=table["rps_vs_health"].round(2), p99_vs_health=table["p99_vs_health"].round(2))
+                         rps_vs_health=table["rps_vs_health"].round(2), p99_vs_health=table["p99_vs_health"].round(2),
+                         cpu_ms=table["cpu_ms"].round(3))
     lines = [
         "# Service benchmark", "",
         f"`reco-lab bench serve`: one uvicorn worker per configuration (`reco-lab serve`, {m.get('stack', '?')}, ECS access "
@@ -456,7 +462,7 @@ def bench_report(bench: Bench) -> str:
         f"`{m['tool']}`, {m['connections']} connections, {m['seconds']:g} s per target and round, {m['repeats']} rounds with "
         f"every target of every configuration in turn; medians over the rounds, ratios taken within each round; "
         f"{m['cpus']} CPUs shared by the load generator and the servers (1-minute load average {m['load']:.1f} at the end "
-        f"of the run, other jobs included).", "",
+        f"of the run, other jobs included); `cpu_ms` is the worker's CPU time per request.", "",
         "## The served configuration (Sentry off)", "",
         _markdown_table(shown.reset_index()), "",
         f"Worker RSS with all models loaded and touched: **{bench.rss_mb:.0f} MB** (export on disk: {bench.export_mb:.1f} MB, memory-mapped).", "",
@@ -471,14 +477,16 @@ def bench_report(bench: Bench) -> str:
     if not sides.empty:
         shown = sides.assign(ratio=sides["ratio"].map("{:.2f}x".format), goal=sides["goal"].map(lambda g: "" if pd.isna(g) else f">= {g:g}x"),
                              meets_goal=sides["meets_goal"].map(lambda v: "" if v is None else ("yes" if v else "**no**")),
-                             rps=sides["rps"].round(0), against_rps=sides["against_rps"].round(0))
+                             rps=sides["rps"].round(0), against_rps=sides["against_rps"].round(0),
+                             cpu_ms=sides["cpu_ms"].round(3), against_cpu_ms=sides["against_cpu_ms"].round(3))
         lines += ["", "## Side by side", "",
                   "Each ratio is the median over the rounds of req/s of the first configuration divided by req/s of the second, "
-                  "measured in the same round; `rps` and `against_rps` are the medians of the two sides.", "",
+                  "measured in the same round; `rps` and `against_rps` are the medians of the two sides, `cpu_ms` and `against_cpu_ms` "
+                  "the worker's CPU time per request (less sensitive than req/s to other jobs on the machine).", "",
                   _markdown_table(shown), ""]
         if (capture := bench.capture_ms()) is not None:
-            lines.append(f"- One Sentry capture (a `ModelNotFound` with its stack and local variables, queued for sending) costs "
-                         f"the worker about **{capture:.2f} ms**; throttled to {m.get('sentry_events_per_minute', 10)} events a minute per exception type "
+            lines.append(f"- One Sentry capture (a `ModelNotFound` with its stack and local variables, queued and sent) costs "
+                         f"the worker about **{capture:.2f} ms of CPU**; throttled to {m.get('sentry_events_per_minute', 10)} events a minute per exception type "
                          f"(`RECO_LAB_SENTRY_EVENTS_PER_MINUTE`), an unknown-model flood pays it that often instead of on every request.")
         if bench.events:
             lines.append("- Events the local Sentry sinks received: "
