@@ -121,13 +121,13 @@ def test_a_run_lands_in_postgres_and_its_artifact_in_the_bucket(stack, uri):
     assert {"map_at_10", "map_at_10_std", "fit_time_s", "model_size_mb"} <= set(latest)
 
     keys = [k for k in st.bucket_keys(stack) if r.run_id in k]
-    assert len(keys) == 1 and keys[0].endswith(f"{r.run_id}/artifacts/model/model.pkl")
+    assert len(keys) == 1 and keys[0].endswith(f"{r.run_id}/artifacts/estimator/model.pkl")
     body = st.s3_client(stack).get_object(Bucket=stack.bucket, Key=keys[0])["Body"].read()
     assert pickle.loads(body) == model
 
     client = MlflowClient(uri)
     client.create_registered_model("stack_test")
-    version = client.create_model_version("stack_test", f"runs:/{r.run_id}/model", run_id=r.run_id)
+    version = client.create_model_version("stack_test", f"runs:/{r.run_id}/estimator", run_id=r.run_id)
     client.set_registered_model_alias("stack_test", "champion", version.version)
     rows = query(stack, "SELECT v.run_id, a.alias FROM model_versions v JOIN registered_model_aliases a "
                         "ON a.name = v.name AND a.version = v.version WHERE v.name = 'stack_test'")
@@ -214,7 +214,7 @@ def test_down_leaves_no_process_and_up_brings_back_runs_and_artifacts(stack, uri
     print(f"down in {down_s:.1f} s, up again (no migration) in {up_s:.1f} s")
     client = MlflowClient(uri)
     assert client.get_run(r.run_id).data.metrics["map_at_10_by_fold"] == 0.5
-    local = client.download_artifacts(r.run_id, "model/model.pkl", tempfile.mkdtemp())
+    local = client.download_artifacts(r.run_id, "estimator/model.pkl", tempfile.mkdtemp())
     assert pickle.loads(Path(local).read_bytes()) == [1, 2, 3]
 
 
@@ -273,8 +273,8 @@ def test_s3_killed_mid_logging_keeps_every_logged_artifact_and_logging_goes_on(s
     assert [i for _, i, _ in logged] == list(range(len(logged)))  # no run lost, none failed
     client, keys = MlflowClient(uri), set(st.bucket_keys(stack))
     for i, run_id in before + [(i, run_id) for _, i, run_id in logged[len(before):]]:
-        assert f"{run_id}/artifacts/model/model.pkl" in {k.split("/", 1)[1] for k in keys if run_id in k}, i
-        local = client.download_artifacts(run_id, "model/model.pkl", tempfile.mkdtemp())
+        assert any(k.endswith(f"{run_id}/artifacts/estimator/model.pkl") for k in keys), i
+        local = client.download_artifacts(run_id, "estimator/model.pkl", tempfile.mkdtemp())
         assert pickle.loads(Path(local).read_bytes()) == blob(i)
         assert client.get_run(run_id).info.status == "FINISHED"
 
@@ -305,6 +305,6 @@ def test_an_external_s3_endpoint_replaces_seaweedfs(stack, uri, external_s3, mon
     with tracked_run("popular", {}, dataset="stack-test", protocol="last_n") as r:
         r.log_model({"top": [1, 2]})
     keys = [k for k in st.bucket_keys(stack) if r.run_id in k]
-    assert stack.bucket == "artifacts" and len(keys) == 1 and keys[0].endswith("model/model.pkl")
+    assert stack.bucket == "artifacts" and len(keys) == 1 and keys[0].endswith("estimator/model.pkl")
     st.stack_down(stack.dir)
     assert leftovers(stack) == [] and any(r.run_id in k for k in st.bucket_keys(stack))  # the external store keeps its data
