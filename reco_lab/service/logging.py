@@ -19,6 +19,7 @@ from typing import Any
 import sentry_sdk
 from sentry_sdk.integrations.fastapi import FastApiIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
+from sentry_sdk.integrations.modules import ModulesIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
 from .errors import ERRORS_LOGGER, request_info
@@ -104,6 +105,7 @@ def init_sentry(secrets: tuple[str, ...] = (), *, asgi: bool = False, **options:
     if asgi:
         integrations += [StarletteIntegration(), FastApiIntegration()]
     sentry_sdk.init(send_default_pii=False, auto_enabling_integrations=False, integrations=integrations,
+                    disabled_integrations=[ModulesIntegration()],
                     before_send=(lambda event, hint: redact(event, secrets)) if secrets else None, **options)
     for name in (ACCESS_LOGGER, ERRORS_LOGGER):
         ignore_logger(name)
