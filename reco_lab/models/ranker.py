@@ -227,8 +227,8 @@ def _first_stage(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return params["first_stage"], json.loads(first_params) if isinstance(first_params, str) else first_params
 
 DEFAULTS = {"ranker": {"n_candidates": 50, "n_popular": 20, "ranker_last_n": 10, "ranker_window": "7D", "iterations": 1000,
-                       "learning_rate": 0.05, "depth": 6, "l2_leaf_reg": 3.0, "early_stopping_rounds": 50, "eval_share": 0.2,
-                       "max_train_users": 0, "seed": 42}}
+                       "learning_rate": 0.05, "depth": 6, "l2_leaf_reg": 3.0, "max_ctr_complexity": 4, "one_hot_max_size": 2,
+                       "early_stopping_rounds": 50, "eval_share": 0.2, "max_train_users": 0, "seed": 42}}
 
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The ranker sees the data the way its first stage does (a ranker run's params carry `first_stage` and `first_stage_params`)."
@@ -252,6 +252,7 @@ def make_ranker(first_model: str, first_params: dict[str, Any], data: RecoData, 
                               per_user_time=protocol == "last_n")
     catboost = CatBoostClassifier(
         iterations=p("iterations"), learning_rate=p("learning_rate"), depth=p("depth"), l2_leaf_reg=p("l2_leaf_reg"),
+        max_ctr_complexity=p("max_ctr_complexity"), one_hot_max_size=p("one_hot_max_size"),
         loss_function="Logloss", eval_metric="AUC", custom_metric=["Logloss", "AUC"],
         early_stopping_rounds=p("early_stopping_rounds"), random_seed=p("seed"), thread_count=2, allow_writing_files=False)
     reranker = EvalSetCatBoostReranker(catboost, features.cat_features, features.text_features,
