@@ -126,7 +126,8 @@ def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
         raise ValueError("a quick search (two folds, few epochs) is not saved: rerun without --quick to save")
     name = result.model
     keys = model_module(name).DEFAULTS[name]
-    entry = {"params": {k: result.best_params[k] for k in keys if k in result.best_params and k != "seed"},
+    harness = ("seed", "eval_every")  # the search's own settings, not tuned values
+    entry = {"params": {k: result.best_params[k] for k in keys if k in result.best_params and k not in harness},
              f"best_{SELECTION_METRIC}": round(result.best_value, 6), "trials": result.trials,
              "protocol": result.protocol, "split": result.split, "tuned_on": date.today().isoformat()}
     if name == "ranker":
