@@ -119,18 +119,22 @@ def setup(dataset: str = "ml-100k", protocol: str = "", n_folds: int = 3, quick:
 
 # %% ../nbs/04_experiment.ipynb #b4d55bdd
 def complete_with_popular(reco: pd.DataFrame, fold: Fold, users, k: int = K) -> pd.DataFrame:
-    "Fill each user's list up to `k` with the fold's most popular unseen items."
+    "Fill each user's list up to `k` with the fold's most popular unseen items (vectorised: one pass for all users)."
+    users = pd.unique(np.asarray(users))
     popular = fold.train_interactions[Columns.Item].value_counts().index[: k * 5].to_numpy()
-    have = reco.groupby(Columns.User)[Columns.Item].apply(list).to_dict()
-    seen = fold.train_interactions.groupby(Columns.User)[Columns.Item].apply(set).to_dict()
-    rows = []
-    for user in users:
-        items = list(have.get(user, []))[:k]
-        if len(items) < k:
-            taken = set(items) | seen.get(user, set())
-            items += [i for i in popular if i not in taken][: k - len(items)]
-        rows += [(user, item, rank) for rank, item in enumerate(items, 1)]
-    return pd.DataFrame(rows, columns=[Columns.User, Columns.Item, Columns.Rank])
+    own = reco[reco[Columns.User].isin(users)].sort_values([Columns.User, Columns.Rank], kind="stable")
+    own = own.groupby(Columns.User, sort=False).head(k)[[Columns.User, Columns.Item]]
+    fill = pd.DataFrame({Columns.User: np.repeat(users, len(popular)), Columns.Item: np.tile(popular, len(users))})
+    train = fold.train_interactions
+    taken = pd.MultiIndex.from_frame(pd.concat([train[train[Columns.User].isin(users)][[Columns.User, Columns.Item]], own]))
+    fill = fill[~pd.MultiIndex.from_frame(fill).isin(taken)]
+    need = (k - own.groupby(Columns.User).size()).reindex(users, fill_value=k)
+    fill = fill[fill.groupby(Columns.User).cumcount().to_numpy() < need.reindex(fill[Columns.User]).to_numpy()]
+    position = pd.Series(np.arange(len(users)), index=users)
+    out = pd.concat([own.assign(_fill=0), fill.assign(_fill=1)], ignore_index=True)
+    out = out.assign(_user=position.reindex(out[Columns.User]).to_numpy()).sort_values(["_user", "_fill"], kind="stable")
+    out[Columns.Rank] = out.groupby(Columns.User, sort=False).cumcount() + 1
+    return out[[Columns.User, Columns.Item, Columns.Rank]].reset_index(drop=True)
 
 # %% ../nbs/04_experiment.ipynb #83a70cfa
 def recommend(model: ModelBase, dataset: Dataset, users, k: int = K) -> pd.DataFrame:
