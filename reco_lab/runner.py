@@ -248,8 +248,9 @@ def run_study(dataset: str = "ml-100k", *, protocol: str = "", only: list[str] |
     writable_dir(out, "--output-dir")
     writable_dir(reports, "--reports-dir")
     common = {"dataset": dataset, "protocol": protocol, "quick": bool(quick), "study_id": study_id, **(extra or {})}
-    if quick and not os.environ.get("RECO_LAB_MODELS_DIR"):
-        common.setdefault("models_dir", str(out / "models"))  # a quick study never replaces the served export
+    if (quick or protocol != default) and not os.environ.get("RECO_LAB_MODELS_DIR"):
+        # the served export (models/) is the default protocol's full champion's; other studies export beside their notebooks
+        common.setdefault("models_dir", str(out / "models"))
     log(f"study {study_id}: {len(jobs)} notebooks on {dataset} ({protocol}{', quick' if quick else ''}), "
         f"tracking {client.tracking_uri}, output {out}, reports {reports}")
     start, done = time.perf_counter(), []
