@@ -60,8 +60,10 @@ export: $(DEV_STAMP)
 	$(BIN)/nbdev_export
 clean-nbs: $(DEV_STAMP)
 	$(BIN)/nbdev_clean
+# README.md is nbs/index.ipynb executed: its results tables are rendered from the committed reports
 readme: $(DEV_STAMP)
-	$(BIN)/jupyter nbconvert --to markdown --output-dir . --output README nbs/index.ipynb
+	$(BIN)/jupyter nbconvert --to markdown --execute --TagRemovePreprocessor.remove_input_tags=remove_input \
+		--output-dir . --output README nbs/index.ipynb
 
 # the service and the tools around it (after `make run` has written models/)
 serve: $(RUN_STAMP)
