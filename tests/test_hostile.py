@@ -4,7 +4,6 @@ A raw-socket client plays the attacker and the careless user: it sends exactly t
 requests, stalls half-way and opens more connections than the worker allows. Sentry goes to a local sink. Each
 defect of the issue has a test here; the property-based test at the end sends arbitrary path segments."""
 import json
-import re
 import socket
 import time
 import urllib.parse

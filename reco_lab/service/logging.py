@@ -27,8 +27,8 @@ from .errors import ERRORS_LOGGER, request_info
 # %% ../../nbs/30_service_logging.ipynb #3630ae9e
 ACCESS_LOGGER = "reco_lab.service.access"
 SERVER_LOGGER = "reco_lab.service.server"
-FLOOD_PRONE = ("socket.accept() out of system resource", "Invalid HTTP request received.", "Exceeded concurrency limit.",
-               "connection limit reached", "concurrency limit reached")
+FLOOD_PRONE = ("socket.accept() out of system resource", "Exception in callback BaseSelectorEventLoop._start_serving",
+               "Invalid HTTP request received.", "Exceeded concurrency limit.", "connection limit reached", "concurrency limit reached")
 
 class DropLoggedStartupTraceback(logging.Filter):
     "Drop uvicorn's copy of a `StartupFailed` traceback: the service has already logged the reason in one line."

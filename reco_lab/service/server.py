@@ -39,6 +39,11 @@ class Limits:
         cap = 2 * self.concurrency
         return cap if soft == resource.RLIM_INFINITY else max(1, min(cap, soft // 2))
 
+    def backlog(self) -> int:
+        "Connections the kernel queues, and asyncio accepts in one go: uvicorn's 2048, at most a quarter of the descriptors."
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return 2048 if soft == resource.RLIM_INFINITY else max(16, min(2048, soft // 4))
+
 def head_problem(limits: Limits, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
     "What in a request head is beyond `limits`, or None."
     if limits.request_line and len(method) + len(target) + 10 > limits.request_line:  # "GET <target> HTTP/1.1"
@@ -190,5 +195,5 @@ def uvicorn_options(settings: Settings, limits: Limits | None = None) -> dict[st
     "Keyword arguments of `uvicorn.Config` for the service: the limited protocol, its loop, the timeouts, no server header."
     limits = limits or Limits(header_timeout=settings.header_timeout, concurrency=settings.limit_concurrency)
     http, loop = server_stack(settings.http)
-    return {"http": limited_protocol(http, limits), "loop": loop, "timeout_keep_alive": limits.keep_alive,
+    return {"http": limited_protocol(http, limits), "loop": loop, "timeout_keep_alive": limits.keep_alive, "backlog": limits.backlog(),
             "h11_max_incomplete_event_size": limits.request_head, "server_header": False, "access_log": False}
