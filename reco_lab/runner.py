@@ -6,7 +6,7 @@
 __all__ = ['STUDY', 'PROTOCOL_NOTES', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only', 'declared_parameters',
            'parameter_type', 'checked_value', 'plan', 'render_html', 'execute_job', 'attach_notebook', 'Study',
            'writable_dir', 'study_dirs', 'run_study', 'study_runs', 'fold_values', 'leaderboard', 'champion_run_id',
-           'plot_als_curves', 'display_uri', 'write_reports', 'results_markdown']
+           'plot_als_curves', 'display_uri', 'write_reports', 'results_markdown', 'comparison_markdown']
 
 # %% ../nbs/07_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
@@ -306,7 +306,8 @@ def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str
         for name in METRICS:
             if name != "map_at_10":
                 row[name.replace("_at_10", "@10").replace("_", " ")] = f"{get(name):.4f}"
-        row |= {"fit s / fold": f"{get('fit_time_s'):.2f}", "size MB": f"{get('model_size_mb'):.2f}", "run": r["tags.mlflow.runName"]}
+        row |= {"fit s / fold": f"{get('fit_time_s'):.2f}", "size MB": f"{get('model_size_mb'):.2f}",
+                "params": r.get("tags.params_source", ""), "run": r["tags.mlflow.runName"]}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -407,6 +408,9 @@ def write_reports(study: Study | None = None, dataset: str = "ml-100k", protocol
         for nb in study.notebooks:
             shutil.copy(nb.with_suffix(".html"), html_dir / nb.with_suffix(".html").name)
         lines += ["## Notebooks of this study", ""] + [f"- [{nb.stem}](html/{nb.stem}.html)" for nb in study.notebooks] + [""]
+    elif (reports / "html").is_dir():  # rewritten from MLflow: the study's rendered notebooks stay where they are
+        pages = sorted((reports / "html").glob("*.html"))
+        lines += ["## Notebooks of this study", ""] + [f"- [{p.stem}](html/{p.name})" for p in pages] + [""]
     (reports / "leaderboard.md").write_text("\n".join(lines), encoding="utf-8")
     _write_index(reports, board)
     return reports / "leaderboard.md"
@@ -431,4 +435,16 @@ def results_markdown(reports_dir: str | Path | None = None, columns: tuple[str, 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the full study (make run) first")
     board = pd.read_csv(path, dtype=str).fillna("")
-    return board[[c for c in columns if c in board]].to_markdown(index=False)
+    return board[[c for c in columns if c in board]].to_markdown(index=False, disable_numparse=True)
+
+def comparison_markdown(before: str | Path, after: str | Path, labels: tuple[str, str] = ("defaults", "tuned")) -> str:
+    "Each model's validation and test MAP@10 in two committed leaderboards side by side (e.g. defaults against tuned)."
+    frames = [pd.read_csv(Path(d) / "leaderboard.csv", dtype=str).fillna("") for d in (before, after)]
+    for frame in frames:
+        frame["model"] = frame["model"].str.replace(" (champion)", "", regex=False)
+    columns = ["val MAP@10", "test MAP@10"]
+    both = frames[0][["model", *columns]].merge(frames[1][["model", *columns]], on="model", suffixes=[f" ({x})" for x in labels])
+    mean = lambda text: float(text.split(" ")[0])  # noqa: E731
+    both["test change"] = [f"{mean(b) - mean(a):+.4f}" for a, b in zip(both[f"test MAP@10 ({labels[0]})"], both[f"test MAP@10 ({labels[1]})"])]
+    order = ["model"] + [f"{c} ({x})" for c in columns for x in labels] + ["test change"]
+    return both[order].to_markdown(index=False, disable_numparse=True)
