@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SIGNATURE', 'PIP_PACKAGES', 'ExportModel', 'pip_requirements', 'save_export_model', 'log_export_model',
-           'resolve_model_uri', 'download_export']
+           'quiet_downloads', 'resolve_model_uri', 'download_export']
 
 # %% ../nbs/22_registry.ipynb #0c2e300b
 import reco_lab.core  # noqa: F401
@@ -12,6 +12,7 @@ import reco_lab.core  # noqa: F401
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,19 @@ def log_export_model(client, run_id: str, export_dir: str | Path, model: str, ar
     return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
 # %% ../nbs/22_registry.ipynb #d24628dd
+@contextmanager
+def quiet_downloads():
+    "No MLflow progress bars (stderr lines among the service's JSON logs) for the duration of the block."
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
+
 def resolve_model_uri(uri: str, store: str) -> str:
     "The artifact location behind `models:/<name>@<alias>` or `models:/<name>/<version>` in the registry of `store`."
     from mlflow import MlflowClient
@@ -101,16 +115,21 @@ def download_export(uri: str, cache_dir: str | Path, tracking: str | None = None
     "Download the MLflow model at `uri` (`models:/` resolved in `tracking`, default reco_lab's store) into `cache_dir`; its verified export."
     from mlflow.exceptions import MlflowException
 
-    from reco_lab.tracking import tracking_uri
+    from reco_lab.tracking import TrackingUnavailable, check_tracking, tracking_uri
 
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
     try:
+        store = tracking or tracking_uri()
         try:
-            store = tracking or tracking_uri()
+            check_tracking(store)  # a server that is down: one line now, not MLflow's minutes of retries
+        except TrackingUnavailable as e:
+            raise ExportError(f"cannot download {uri}: {e}") from None
+        try:
             source = resolve_model_uri(uri, store) if uri.startswith("models:/") else uri
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=store))
+            with quiet_downloads():
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=store))
         except MlflowException as e:
             raise ExportError(f"cannot download {uri}: {str(e).splitlines()[0][:300]}") from None
         except Exception as e:  # connection refused, DNS, timeouts: the client's own exceptions vary by store

@@ -314,3 +314,19 @@ def test_mlflow_models_serve_answers_invocations(study):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_the_service_starts_from_the_registry_on_the_tracking_stack(study):
+    "No models folder: `RECO_LAB_MODEL_URI=models:/reco_lab@champion` against PostgreSQL + S3 + mlflow server."
+    tmp, env, _ = study
+    from reco_lab.export import load_export
+    from reco_lab.service.bench import live_service
+
+    seeded = load_export(tmp / "seed-models")
+    champion = seeded.manifest["champion"]["model"]
+    service_env = {**env, "RECO_LAB_MODEL_URI": "models:/reco_lab@champion", "RECO_LAB_MODEL_CACHE_DIR": str(tmp / "cache"),
+                   "RECO_LAB_MODELS_DIR": str(tmp / "no-such-folder")}
+    with live_service(None, env=service_env, log=tmp / "registry-service.log") as service:
+        for user in (1, 2, 100000000):
+            with urllib.request.urlopen(f"{service.url}/reco/{champion}/{user}", timeout=10) as reply:
+                assert json.load(reply)["items"] == seeded.recommend(champion, user, 10)

@@ -66,17 +66,22 @@ class ModelsResponse(BaseModel):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    "Configure logs, load and verify the export once; StartupFailed (logged with the file) if it is unusable."
+    "Configure logs, load and verify the export once (downloaded from MLflow with a model URI); StartupFailed if unusable."
     settings: Settings = app.state.settings
     configure_logging(settings.log_level)
     try:
-        export = load_export(settings.models_dir)
+        if settings.model_uri:
+            from reco_lab.registry import download_export  # MLflow is imported only to start from the registry
+
+            export = load_export(download_export(settings.model_uri, settings.model_cache_dir))
+        else:
+            export = load_export(settings.models_dir)
     except ExportError as e:
         logger.error("cannot start: %s", e, extra={"error.type": "ExportError", "error.message": str(e)})
         raise StartupFailed(str(e)) from None
     app.state.export = export
-    logger.info("serving %s from %s", ", ".join(export.models), export.folder,
-                extra={"reco.models": export.models, "reco.dataset": export.manifest.get("dataset"), "reco.users": len(export.users),
+    logger.info("serving %s from %s", ", ".join(export.models), settings.model_uri or export.folder,
+                extra={"reco.models": export.models, "reco.model_uri": settings.model_uri, "reco.dataset": export.manifest.get("dataset"), "reco.users": len(export.users),
                        "reco.k": settings.k_recs, "reco.emulate_errors": settings.emulate_errors,
                        "reco.auth": settings.api_token is not None, "reco.sentry": sentry_sdk.is_initialized()})
     yield

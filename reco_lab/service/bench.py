@@ -70,7 +70,7 @@ class ServiceFailed(RuntimeError):
     "The service exited or did not answer /health in time; the message holds the end of its log."
 
 @contextmanager
-def live_service(models_dir: str | Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+def live_service(models_dir: str | Path | None, *, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  log: str | Path | None = None, startup_timeout: float = 60.0, open_files: int | None = None) -> Iterator[LiveService]:
     "Run `reco-lab serve` on a free port until the block ends (at most `open_files` descriptors); ServiceFailed with its log if it does not come up."
     port = free_port()
@@ -78,7 +78,8 @@ def live_service(models_dir: str | Path, *, env: dict[str, str] | None = None, a
     environ = {**os.environ, "SENTRY_DSN": "", **(env or {})}
     with open(log, "wb") as out:
         limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
-        process = subprocess.Popen(serve_command("--port", str(port), "--models-dir", str(models_dir), *args),
+        folder = ("--models-dir", str(models_dir)) if models_dir is not None else ()  # None: from RECO_LAB_MODEL_URI
+        process = subprocess.Popen(serve_command("--port", str(port), *folder, *args),
                                    stdout=out, stderr=subprocess.STDOUT, env=environ, preexec_fn=limit)
     service = LiveService(f"http://127.0.0.1:{port}", process, log)
     try:

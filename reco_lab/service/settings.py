@@ -11,6 +11,7 @@ import reco_lab.core  # noqa: F401
 from pathlib import Path
 from typing import Literal
 
+from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,6 +23,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECO_LAB_", extra="ignore")
 
     models_dir: Path = Field(default_factory=models_dir, description="serving export folder")
+    model_uri: str | None = Field(None, description="MLflow model to serve instead (models:/reco_lab@champion, runs:/<id>/model)")
+    model_cache_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("reco_lab")) / "models",
+                                  description="where a model downloaded from MLflow is kept")
     k_recs: int = Field(10, ge=1, le=1000, description="items per response")
     api_token: SecretStr | None = Field(None, description="bearer token for /reco and /models; unset = open")
     emulate_errors: bool = Field(False, description="user ids that are multiples of 666 fail on purpose")
@@ -35,9 +39,9 @@ class Settings(BaseSettings):
     sentry_events_per_minute: int = Field(10, ge=0, description="Sentry events a minute per exception type")
     sentry_asgi: bool = Field(False, description="Sentry's Starlette/FastAPI integrations")
 
-    @field_validator("api_token", mode="before")
+    @field_validator("api_token", "model_uri", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value):
+    def _empty_is_none(cls, value):
         return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
     @field_validator("log_level", mode="before")
