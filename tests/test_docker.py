@@ -91,10 +91,11 @@ def test_both_builders_make_the_same_runtime_image_without_the_build_s_wheels(do
     assert configs[SERVICE_IMAGE]["Env"] == configs[BUILDKIT_IMAGE]["Env"]
     probe = ("import importlib.util as u, os, reco_lab.service.app; "
              "print([m for m in ('mlflow', 'rectools', 'catboost', 'implicit') if u.find_spec(m)], "
-             "os.path.exists('/etc/pip.conf'), os.path.exists('/tmp/wheels'), sorted(os.listdir('/models')))")
-    for tag in images:  # the serving path only: no research package, no wheels, no offline pip.conf, no models
+             "os.path.exists('/etc/pip.conf'), os.path.exists('/tmp/wheels'), sorted(os.listdir('/models')), "
+             "all(u.find_spec(m) for m in ('httptools', 'uvloop')))")
+    for tag in images:  # the serving path only (with uvicorn's fast stack): no research package, wheels, pip.conf, models
         done = docker_engine("run", "--rm", tag, "python", "-c", probe)
-        assert done.stdout.strip() == "[] False False []", (tag, done.stdout)
+        assert done.stdout.strip() == "[] False False [] True", (tag, done.stdout)
 
 
 def test_the_image_serves_the_export_with_the_api_contract(service):
