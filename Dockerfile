@@ -15,11 +15,11 @@ RUN if ls /tmp/wheels/service/*.whl >/dev/null 2>&1; then \
     && python -m venv /opt/venv
 COPY docker/service-requirements.txt /tmp/service-requirements.txt
 RUN /opt/venv/bin/pip install -r /tmp/service-requirements.txt
-# the package itself without its research dependencies (rectools, catboost, mlflow, jupyter): the service
-# imports none of them
+# the package itself without its research dependencies (rectools, catboost, the full mlflow, jupyter): the service
+# imports none of them; mlflow-skinny serves RECO_LAB_MODEL_URI (reco_lab[service,registry], pinned as tested)
 COPY settings.ini setup.py pyproject.toml README.md /src/
 COPY reco_lab /src/reco_lab
-RUN /opt/venv/bin/pip install --no-deps /src && /opt/venv/bin/python -c "import reco_lab.service.app"
+RUN /opt/venv/bin/pip install --no-deps /src && /opt/venv/bin/python -c "import reco_lab.service.app, reco_lab.registry"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -13,19 +13,31 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 RUN_ARGS ?=
 
-.PHONY: run test install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
+.PHONY: run test lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
-$(RUN_STAMP): settings.ini setup.py | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# what was tested: the versions of constraints/py<version>.txt (3.11, 3.12, 3.13), when this Python has one
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK := $(wildcard constraints/py$(PYVER).txt)
+PIP_INSTALL := $(BIN)/python -m pip install --quiet $(if $(LOCK),--constraint $(LOCK))
+RUN_EXTRAS := service,registry,stack,profile
+
+$(RUN_STAMP): settings.ini setup.py $(LOCK) | $(BIN)/python
+	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS)]"
 	touch $@
 
-$(DEV_STAMP): settings.ini setup.py | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+$(DEV_STAMP): settings.ini setup.py $(LOCK) | $(BIN)/python
+	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS),lab,dev]"
 	touch $(RUN_STAMP) $@
+
+# the lock of this Python's tested versions, from the dev environment (after a change of requirements and a green make test)
+lock: $(DEV_STAMP)
+	mkdir -p constraints
+	{ echo "# pip constraints: the versions make test passed with on Python $(PYVER) (make lock)"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^reco_lab'; } > constraints/py$(PYVER).txt
 
 install: $(RUN_STAMP)
 install-dev: $(DEV_STAMP)

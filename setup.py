@@ -18,7 +18,9 @@ licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache S
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
 
 requirements = shlex.split(cfg.get("requirements", ""))
-dev_requirements = shlex.split(cfg.get("dev_requirements", ""))
+# every `<extra>_requirements` setting is an extra: reco_lab[service], [registry], [stack], [profile], [lab], [dev]
+extras = {key.removesuffix("_requirements"): shlex.split(value) for key, value in cfg.items()
+          if key.endswith("_requirements") and key != "requirements" and value.strip()}
 lic = licenses.get(cfg["license"].lower(), (cfg["license"], None))
 
 setuptools.setup(
@@ -28,15 +30,15 @@ setuptools.setup(
         "Development Status :: " + statuses[int(cfg["status"])],
         "Intended Audience :: " + cfg["audience"].title(),
         "Natural Language :: " + cfg["language"].title(),
-        "Programming Language :: Python :: " + cfg["min_python"],
     ]
+    + [f"Programming Language :: Python :: 3.{minor}" for minor in (11, 12, 13)]
     + (["License :: " + lic[1]] if lic[1] else []),
     url=cfg["git_url"],
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
-    python_requires=">=" + cfg["min_python"],
+    extras_require=extras,
+    python_requires=cfg.get("requires_python", ">=" + cfg["min_python"]),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     zip_safe=False,

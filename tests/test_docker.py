@@ -89,11 +89,13 @@ def test_both_builders_make_the_same_runtime_image_without_the_build_s_wheels(do
         assert config["Cmd"] == ["gunicorn", "--config", "/etc/reco-lab/gunicorn.conf.py", "reco_lab.service.app:app"]
         assert "/health" in " ".join(config["Healthcheck"]["Test"]) and "RECO_LAB_MODELS_DIR=/models" in config["Env"]
     assert configs[SERVICE_IMAGE]["Env"] == configs[BUILDKIT_IMAGE]["Env"]
-    probe = ("import importlib.util as u, os, reco_lab.service.app; "
-             "print([m for m in ('mlflow', 'rectools', 'catboost', 'implicit') if u.find_spec(m)], "
+    probe = ("import importlib.util as u, os, reco_lab.service.app, reco_lab.registry; "
+             "print([m for m in ('rectools', 'catboost', 'implicit', 'lightfm', 'sqlalchemy') if u.find_spec(m)], "
              "os.path.exists('/etc/pip.conf'), os.path.exists('/tmp/wheels'), sorted(os.listdir('/models')), "
              "all(u.find_spec(m) for m in ('httptools', 'uvloop')))")
-    for tag in images:  # the serving path only (with uvicorn's fast stack): no research package, wheels, pip.conf, models
+    # the serving path only (uvicorn's fast stack; mlflow-skinny for RECO_LAB_MODEL_URI): no research package, no
+    # database driver, no wheels, no pip.conf, no models
+    for tag in images:
         done = docker_engine("run", "--rm", tag, "python", "-c", probe)
         assert done.stdout.strip() == "[] False False [] True", (tag, done.stdout)
 

@@ -174,7 +174,7 @@ def test_quick_champion_is_the_best_validation_run_and_its_export_is_verified(st
 
     export = load_export(tmp / "models")
     assert set(export.models) == MODELS and export.manifest["champion"]["run_id"] == best.info.run_id
-    assert export.manifest["champion"]["version"] is None  # a quick study registers nothing
+    assert export.manifest["champion"]["registered_model"] is None  # a quick study registers nothing
     assert best.data.metrics["map_at_10_diff_vs_champion"] == 0.0
     manifest = json.loads((tmp / "models" / "manifest.json").read_text())
     assert set(manifest["files"]) >= {"users.npy", "popular.npy", "ranker/topk.npy", "ease/topk.npy"}
