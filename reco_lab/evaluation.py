@@ -25,9 +25,11 @@ from .data import RecoData
 # %% ../nbs/02_evaluation.ipynb #955c845c
 PROTOCOLS = ("last_n", "next_n", "time")
 
+
 def default_protocol(data: RecoData | str) -> str:
     "The protocol a dataset (or dataset name) is evaluated with unless told otherwise: `last_n` for ML-100k, else `time`."
     return "last_n" if (data if isinstance(data, str) else data.name) == "ml-100k" else "time"
+
 
 class NextNSplitter(Splitter):
     "Global cutoffs T_k: train on everything before T_k, test each user's next `n` interactions from T_k on."
@@ -49,9 +51,16 @@ class NextNSplitter(Splitter):
             first = np.r_[True, users[after][1:] != users[after][:-1]]
             starts = np.flatnonzero(first)
             rank = np.arange(len(after)) - np.repeat(starts, np.diff(np.r_[starts, len(after)]))
-            yield np.flatnonzero(times < cutoff.to_datetime64()), np.sort(after[rank < self.n]), {"i_split": i, "start": cutoff}
+            yield (
+                np.flatnonzero(times < cutoff.to_datetime64()),
+                np.sort(after[rank < self.n]),
+                {"i_split": i, "start": cutoff},
+            )
 
-def make_splitter(protocol: str, n_folds: int = 3, *, last_n: int = 10, window: str = "7D", test_share: float = 0.1) -> Splitter:
+
+def make_splitter(
+    protocol: str, n_folds: int = 3, *, last_n: int = 10, window: str = "7D", test_share: float = 0.1
+) -> Splitter:
     "A splitter for `protocol` that filters cold users, cold items and already-seen pairs from the test."
     filters = {"filter_cold_users": True, "filter_cold_items": True, "filter_already_seen": True}
     if protocol == "last_n":
@@ -66,6 +75,7 @@ def make_splitter(protocol: str, n_folds: int = 3, *, last_n: int = 10, window: 
 @dataclass
 class Fold:
     "One train/test split of a dataset, external ids throughout; a test fold carries its validation split."
+
     index: int
     train: Dataset
     train_interactions: pd.DataFrame  # user_id, item_id, weight, datetime
@@ -82,6 +92,7 @@ class Fold:
     def catalog(self) -> np.ndarray:
         return self.train_interactions[Columns.Item].unique()
 
+
 def split_dataset(ds: Dataset, splitter: Splitter, role: str = "test") -> list[Fold]:
     "The folds `splitter` makes of `ds` (which may itself be a fold's training data), external ids kept."
     folds = []
@@ -90,22 +101,30 @@ def split_dataset(ds: Dataset, splitter: Splitter, role: str = "test") -> list[F
         test = ds.interactions.df.iloc[test_ids][Columns.Interactions].copy()
         test[Columns.User] = ds.user_id_map.convert_to_external(test[Columns.User])
         test[Columns.Item] = ds.item_id_map.convert_to_external(test[Columns.Item])
-        folds.append(Fold(int(info["i_split"]), train, train.get_raw_interactions(), test.reset_index(drop=True), info, role))
+        folds.append(
+            Fold(int(info["i_split"]), train, train.get_raw_interactions(), test.reset_index(drop=True), info, role)
+        )
     return folds
 
-def time_folds(data: RecoData, protocol: str | None = None, n_folds: int = 3, *, validation: bool = True,
-               **splitter_args) -> list[Fold]:
+
+def time_folds(
+    data: RecoData, protocol: str | None = None, n_folds: int = 3, *, validation: bool = True, **splitter_args
+) -> list[Fold]:
     "The dataset's folds under `protocol`, oldest first, each with its validation split (unless `validation=False`)."
     protocol = protocol or default_protocol(data)
     folds = split_dataset(data.dataset, make_splitter(protocol, n_folds, **splitter_args))
     if len(folds) < n_folds or any(len(f.test) == 0 for f in folds):
-        raise ValueError(f"{data.name}: protocol {protocol!r} left a fold without warm test interactions; "
-                         "use fewer folds, another protocol or more data")
+        raise ValueError(
+            f"{data.name}: protocol {protocol!r} left a fold without warm test interactions; "
+            "use fewer folds, another protocol or more data"
+        )
     for fold in folds if validation else []:
         inner = split_dataset(fold.train, make_splitter(protocol, 1, **splitter_args), role="validation")
         if not inner or len(inner[0].test) == 0:
-            raise ValueError(f"{data.name}: protocol {protocol!r} left fold {fold.index} without warm validation "
-                             "interactions inside its training data; use fewer folds, another protocol or more data")
+            raise ValueError(
+                f"{data.name}: protocol {protocol!r} left fold {fold.index} without warm validation "
+                "interactions inside its training data; use fewer folds, another protocol or more data"
+            )
         fold.validation = inner[0]
         fold.validation.index = fold.index
     return folds
@@ -116,12 +135,15 @@ def assert_no_future_leak(fold: Fold) -> None:
     if "start" in fold.info:  # global time window
         latest = fold.train_interactions[Columns.Datetime].max()
         assert latest < fold.info["start"] <= fold.test[Columns.Datetime].min(), (
-            f"fold {fold.index}: training data reaches {latest}, test window starts {fold.info['start']}")
+            f"fold {fold.index}: training data reaches {latest}, test window starts {fold.info['start']}"
+        )
         return
     last_train = fold.train_interactions.groupby(Columns.User)[Columns.Datetime].max()
     first_test = fold.test.groupby(Columns.User)[Columns.Datetime].min()
     late = last_train.reindex(first_test.index) > first_test
-    assert not late.any(), f"fold {fold.index}: {int(late.sum())} users have training interactions after their test items"
+    assert not late.any(), (
+        f"fold {fold.index}: {int(late.sum())} users have training interactions after their test items"
+    )
 
 # %% ../nbs/02_evaluation.ipynb #2e5afb90
 def leak_share(fold: Fold) -> float:
@@ -131,15 +153,24 @@ def leak_share(fold: Fold) -> float:
     later = len(times) - np.searchsorted(times, first, side="right")
     return float(np.mean(later / len(times)))
 
+
 def fold_summary(folds: list[Fold]) -> pd.DataFrame:
     "One row per fold: cutoff, sizes of train, test and validation, and the leak share of test and validation."
     rows = []
     for f in folds:
         v = f.validation
-        rows.append({"fold": f.index, "cutoff": f.info.get("start", "per user"), "train": len(f.train_interactions),
-                     "test users": len(f.test_users), "test interactions": len(f.test),
-                     "validation users": len(v.test_users) if v else 0, "leak share": round(leak_share(f), 3),
-                     "validation leak share": round(leak_share(v), 3) if v else float("nan")})
+        rows.append(
+            {
+                "fold": f.index,
+                "cutoff": f.info.get("start", "per user"),
+                "train": len(f.train_interactions),
+                "test users": len(f.test_users),
+                "test interactions": len(f.test),
+                "validation users": len(v.test_users) if v else 0,
+                "leak share": round(leak_share(f), 3),
+                "validation leak share": round(leak_share(v), 3) if v else float("nan"),
+            }
+        )
     return pd.DataFrame(rows).set_index("fold")
 
 # %% ../nbs/02_evaluation.ipynb #5808b968
@@ -153,13 +184,19 @@ METRICS = {
     "serendipity_at_10": Serendipity(k=K),
 }
 
+
 def fold_metrics(reco: pd.DataFrame, fold: Fold) -> dict[str, float]:
     "The six metrics of recommendations `reco` (user_id, item_id, rank) on `fold`'s test users."
     missing = set(fold.test_users) - set(reco[Columns.User].unique())
     if missing:
-        raise ValueError(f"fold {fold.index}: no recommendations for {len(missing)} of {len(fold.test_users)} test users")
-    values = calc_metrics(METRICS, reco[[Columns.User, Columns.Item, Columns.Rank]], fold.test, fold.train_interactions, fold.catalog)
+        raise ValueError(
+            f"fold {fold.index}: no recommendations for {len(missing)} of {len(fold.test_users)} test users"
+        )
+    values = calc_metrics(
+        METRICS, reco[[Columns.User, Columns.Item, Columns.Rank]], fold.test, fold.train_interactions, fold.catalog
+    )
     return {name: float(values[name]) for name in METRICS}
+
 
 def summarize(per_fold: list[dict[str, float]]) -> pd.DataFrame:
     "Per-fold metrics with their mean and (sample) std as the last two rows."
@@ -179,7 +216,9 @@ def split_id(folds: list[Fold]) -> str:
     return h.hexdigest()[:16]
 
 # %% ../nbs/02_evaluation.ipynb #fc557ca3
-def per_user_scores(reco: pd.DataFrame, fold: Fold, metrics: tuple[str, ...] = ("map_at_10", "ndcg_at_10")) -> pd.DataFrame:
+def per_user_scores(
+    reco: pd.DataFrame, fold: Fold, metrics: tuple[str, ...] = ("map_at_10", "ndcg_at_10")
+) -> pd.DataFrame:
     "Per-user values of `metrics` on `fold`'s test users: fold, role, user_id and one column per metric."
     frame = pd.DataFrame({Columns.User: fold.test_users})
     for name in metrics:
@@ -187,13 +226,23 @@ def per_user_scores(reco: pd.DataFrame, fold: Fold, metrics: tuple[str, ...] = (
         frame[name] = frame[Columns.User].map(values).fillna(0.0).to_numpy()
     return frame.assign(fold=fold.index, role=fold.role)[["fold", "role", Columns.User, *metrics]]
 
-def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, metric: str = "map_at_10", *, n_boot: int = 2000,
-                     level: float = 0.95, seed: int = 0) -> dict[str, float]:
+
+def paired_bootstrap(
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    metric: str = "map_at_10",
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
     "Mean over folds of `a - b` per user (paired on fold and user), with a bootstrap CI resampling users within folds."
     pairs = a.merge(b, on=["fold", Columns.User], suffixes=("_a", "_b"), validate="one_to_one")
     if pairs.empty or len(pairs) != len(a) or len(pairs) != len(b):
-        raise ValueError(f"paired_bootstrap: the two runs were not scored on the same users ({len(a)} and {len(b)} "
-                         f"rows, {len(pairs)} shared): compare runs of the same split")
+        raise ValueError(
+            f"paired_bootstrap: the two runs were not scored on the same users ({len(a)} and {len(b)} "
+            f"rows, {len(pairs)} shared): compare runs of the same split"
+        )
     rng = np.random.default_rng(seed)
     diff = (pairs[f"{metric}_a"] - pairs[f"{metric}_b"]).to_numpy()
     groups = [diff[idx] for idx in pairs.groupby("fold").indices.values()]

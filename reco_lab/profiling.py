@@ -31,6 +31,7 @@ from .service.bench import Load, live_service, load_tool, run_load, warm_paths
 # %% ../nbs/40_profiling.ipynb #f9b4b440
 Stacks = list[tuple[tuple[str, ...], int]]
 
+
 def parse_collapsed(text: str) -> Stacks:
     "py-spy raw output as (frames root first, samples) pairs."
     stacks = []
@@ -40,6 +41,7 @@ def parse_collapsed(text: str) -> Stacks:
             stacks.append((tuple(stack.split(";")), int(count)))
     return stacks
 
+
 def frame_file(frame: str) -> str:
     "The file part of a frame `name (file:line)`."
     return frame.rpartition(" (")[2].rpartition(":")[0]
@@ -47,7 +49,14 @@ def frame_file(frame: str) -> str:
 # %% ../nbs/40_profiling.ipynb #2c8a49e3
 LAYERS = {  # layer: prefixes of the leaf frame's file; the first layer that matches wins, after JSON
     "reco_lab": ("reco_lab/",),
-    "FastAPI/Starlette/pydantic": ("fastapi/", "starlette/", "pydantic", "annotated_types/", "typing_inspection/", "anyio/"),
+    "FastAPI/Starlette/pydantic": (
+        "fastapi/",
+        "starlette/",
+        "pydantic",
+        "annotated_types/",
+        "typing_inspection/",
+        "anyio/",
+    ),
     "logging": ("logging/", "ecs_logging/"),
     "uvicorn/asyncio": ("uvicorn/", "asyncio/", "h11/", "httptools/", "uvloop/", "selectors.py", "socket.py"),
     "numpy": ("numpy/",),
@@ -62,6 +71,7 @@ MARKERS = {  # activity: substring of a frame anywhere on the stack
 RELOADER_FRAMES = ("reload", "watchfiles", "supervisors/", "statreload")
 DISPATCH = "Handle._run (asyncio/events.py"  # the event loop calls a callback; frames above it are on every stack
 
+
 def layer(frame: str) -> str:
     "The layer a leaf frame's CPU time is charged to."
     name, file = frame.rpartition(" (")[0], frame_file(frame)
@@ -74,6 +84,7 @@ def function_name(frame: str) -> str:
     "`name (file)` without the line number."
     name, _, rest = "".join(c for c in frame if c.isprintable()).rpartition(" (")
     return f"{name} ({rest.rpartition(':')[0]})"
+
 
 def profile_stats(stacks: Stacks, top: int = 10) -> dict:
     "Samples, layer shares (self), activity shares (inclusive), top functions by self and total time."
@@ -96,12 +107,23 @@ def profile_stats(stacks: Stacks, top: int = 10) -> dict:
         "top_self": [(name, n / total) for name, n in self_time.most_common(top)],
         "top_total": [(name, n / total) for name, n in total_time.most_common(top)],
         "reloader_frames": sum(n for frames, n in stacks if any(r in f for f in frames for r in RELOADER_FRAMES)),
-        "reco_lab_frames": sum(n for frames, n in stacks if any("reco_lab/service/" in f or "reco_lab/export" in f for f in frames)),
+        "reco_lab_frames": sum(
+            n for frames, n in stacks if any("reco_lab/service/" in f or "reco_lab/export" in f for f in frames)
+        ),
     }
 
 # %% ../nbs/40_profiling.ipynb #20611fd1
-COLOURS = {"reco_lab": "#e4572e", "FastAPI/Starlette/pydantic": "#29335c", "logging": "#f3a712", "uvicorn/asyncio": "#669bbc",
-           "numpy": "#a8c686", "sentry_sdk": "#8e5572", JSON_LAYER: "#17bebb", "other": "#bbbbbb"}
+COLOURS = {
+    "reco_lab": "#e4572e",
+    "FastAPI/Starlette/pydantic": "#29335c",
+    "logging": "#f3a712",
+    "uvicorn/asyncio": "#669bbc",
+    "numpy": "#a8c686",
+    "sentry_sdk": "#8e5572",
+    JSON_LAYER: "#17bebb",
+    "other": "#bbbbbb",
+}
+
 
 def _tree(stacks: Stacks) -> dict:
     root = {"name": "all", "n": 0, "children": {}}
@@ -112,6 +134,7 @@ def _tree(stacks: Stacks) -> dict:
             node = node["children"].setdefault(f, {"name": f, "n": 0, "children": {}})
             node["n"] += n
     return root
+
 
 def flamegraph_svg(stacks: Stacks, title: str, width: int = 1200, row: int = 16) -> str:
     "A static flamegraph of `stacks` as SVG (root at the bottom, colour by layer, hover titles)."
@@ -134,18 +157,25 @@ def flamegraph_svg(stacks: Stacks, title: str, width: int = 1200, row: int = 16)
         label = escape(name)
         tip = f"{label}: {node['n']} samples, {node['n'] / total:.1%}"
         text = escape(name[: int(w / 7)]) if w > 30 else ""
-        rects.append(f'<g><title>{tip}</title><rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 1}" fill="{colour}" rx="2"/>'
-                     f'<text x="{x + 3:.1f}" y="{y + row - 4}" font-size="11" fill="{"#fff" if level and layer(node["name"]) in ("FastAPI/Starlette/pydantic", "sentry_sdk") else "#000"}">{text}</text></g>')
+        rects.append(
+            f'<g><title>{tip}</title><rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row - 1}" fill="{colour}" rx="2"/>'
+            f'<text x="{x + 3:.1f}" y="{y + row - 4}" font-size="11" fill="{"#fff" if level and layer(node["name"]) in ("FastAPI/Starlette/pydantic", "sentry_sdk") else "#000"}">{text}</text></g>'
+        )
         for child in sorted(node["children"].values(), key=lambda c: c["name"]):
             draw(child, x, level + 1)
             x += child["n"] / total * width
 
     draw(root, 0.0, 0)
-    legend = "".join(f'<rect x="{10 + i * 150}" y="4" width="10" height="10" fill="{c}"/><text x="{24 + i * 150}" y="13" font-size="11">{escape(n)}</text>'
-                     for i, (n, c) in enumerate(COLOURS.items()))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" font-family="monospace">'
-            f'<text x="{width / 2}" y="{height + 16}" text-anchor="middle" font-size="12">{escape(title)} ({total} samples)</text>'
-            f'{legend}{"".join(rects)}</svg>')
+    legend = "".join(
+        f'<rect x="{10 + i * 150}" y="4" width="10" height="10" fill="{c}"/><text x="{24 + i * 150}" y="13" font-size="11">{escape(n)}</text>'
+        for i, (n, c) in enumerate(COLOURS.items())
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 20}" font-family="monospace">'
+        f'<text x="{width / 2}" y="{height + 16}" text-anchor="middle" font-size="12">{escape(title)} ({total} samples)</text>'
+        f"{legend}{''.join(rects)}</svg>"
+    )
+
 
 def speedscope_json(stacks: Stacks, name: str) -> dict:
     "The samples in speedscope's file format (one sampled profile)."
@@ -162,15 +192,29 @@ def speedscope_json(stacks: Stacks, name: str) -> dict:
             ids.append(index[f])
         samples.append(ids)
         weights.append(n)
-    return {"$schema": "https://www.speedscope.app/file-format-schema.json", "exporter": "reco_lab.profiling", "name": name,
-            "shared": {"frames": frames},
-            "profiles": [{"type": "sampled", "name": name, "unit": "none", "startValue": 0, "endValue": sum(weights),
-                          "samples": samples, "weights": weights}]}
+    return {
+        "$schema": "https://www.speedscope.app/file-format-schema.json",
+        "exporter": "reco_lab.profiling",
+        "name": name,
+        "shared": {"frames": frames},
+        "profiles": [
+            {
+                "type": "sampled",
+                "name": name,
+                "unit": "none",
+                "startValue": 0,
+                "endValue": sum(weights),
+                "samples": samples,
+                "weights": weights,
+            }
+        ],
+    }
 
 # %% ../nbs/40_profiling.ipynb #528a0771
 @dataclass
 class TargetProfile:
     "One target's load, samples and derived figures."
+
     target: str
     path: str
     load: Load
@@ -182,17 +226,43 @@ class TargetProfile:
     def cpu_ms_per_request(self) -> float:
         return self.cpu_s / max(self.load.requests, 1) * 1e3
 
+
 def py_spy() -> str:
     "The py-spy executable beside this interpreter, else on PATH."
     local = Path(sys.executable).parent / "py-spy"
     return str(local) if local.exists() else (shutil.which("py-spy") or "py-spy")
 
-def record_target(url: str, pid: int, name: str, paths: list[str], out: Path, *, seconds: float, connections: int,
-                  rate: int, tool: str, native: bool = False) -> TargetProfile:
+
+def record_target(
+    url: str,
+    pid: int,
+    name: str,
+    paths: list[str],
+    out: Path,
+    *,
+    seconds: float,
+    connections: int,
+    rate: int,
+    tool: str,
+    native: bool = False,
+) -> TargetProfile:
     "Sample `pid` with py-spy while `paths` are under load; write `<name>.txt`, `.svg`, `.speedscope.json` into `out`."
     raw = out / f"{name}.txt"
-    cmd = [py_spy(), "record", "--pid", str(pid), "--format", "raw", "--function", "--rate", str(rate),
-           "--duration", str(max(1, round(seconds))), "--output", str(raw)] + (["--native"] if native else [])
+    cmd = [
+        py_spy(),
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--function",
+        "--rate",
+        str(rate),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--output",
+        str(raw),
+    ] + (["--native"] if native else [])
     spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     worker = psutil.Process(pid)
     cpu = worker.cpu_times()
@@ -202,15 +272,27 @@ def record_target(url: str, pid: int, name: str, paths: list[str], out: Path, *,
     if spy.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed on pid {pid} (code {spy.returncode}): {log.strip()[-2000:]}")
     stacks = parse_collapsed(raw.read_text())
-    profile = TargetProfile(name, paths[0].rsplit("/", 1)[0] if name != "health" else "/health", load, rate, cpu_s, profile_stats(stacks))
-    (out / f"{name}.svg").write_text(flamegraph_svg(stacks, f"{profile.path}: {load.rps:.0f} req/s, {connections} connections"))
+    profile = TargetProfile(
+        name, paths[0].rsplit("/", 1)[0] if name != "health" else "/health", load, rate, cpu_s, profile_stats(stacks)
+    )
+    (out / f"{name}.svg").write_text(
+        flamegraph_svg(stacks, f"{profile.path}: {load.rps:.0f} req/s, {connections} connections")
+    )
     (out / f"{name}.speedscope.json").write_text(json.dumps(speedscope_json(stacks, profile.path)))
     return profile
 
 # %% ../nbs/40_profiling.ipynb #90b6ea16
-def profile_service(folder: str | Path | None = None, out: str | Path | None = None, *, targets: list[str] | None = None,
-                    seconds: float = 10.0, connections: int = 16, rate: int = 250, tool: str = "auto",
-                    native: bool = False) -> list[TargetProfile]:
+def profile_service(
+    folder: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    targets: list[str] | None = None,
+    seconds: float = 10.0,
+    connections: int = 16,
+    rate: int = 250,
+    tool: str = "auto",
+    native: bool = False,
+) -> list[TargetProfile]:
     "Profile /health and each model's /reco on one live `reco-lab serve` worker; files into `out`."
     folder = Path(folder or default_models_dir())
     out = Path(out or project_root() / "reports" / "profiling")
@@ -222,41 +304,91 @@ def profile_service(folder: str | Path | None = None, out: str | Path | None = N
     with live_service(folder, log=out / "service.log") as service:
         for name in names:
             run_load(service.url, paths[name], 1.0, connections, name, tool)
-        profiles = [record_target(service.url, service.pid, name, paths[name], out, seconds=seconds, connections=connections,
-                                  rate=rate, tool=tool, native=native) for name in names]
+        profiles = [
+            record_target(
+                service.url,
+                service.pid,
+                name,
+                paths[name],
+                out,
+                seconds=seconds,
+                connections=connections,
+                rate=rate,
+                tool=tool,
+                native=native,
+            )
+            for name in names
+        ]
     (out / "service.log").unlink()
-    (out / "profiles.json").write_text(json.dumps({
-        "export": {"folder": str(folder), "dataset": export.manifest.get("dataset"), "users": len(export.users), "models": export.models},
-        "settings": {"seconds": seconds, "connections": connections, "rate": rate, "tool": tool, "native": native},
-        "targets": [{"target": p.target, "path": p.path, "load": asdict(p.load), "cpu_s": p.cpu_s, "cpu_ms_per_request": p.cpu_ms_per_request, **p.stats}
-                    for p in profiles]}, indent=1))
+    (out / "profiles.json").write_text(
+        json.dumps(
+            {
+                "export": {
+                    "folder": str(folder),
+                    "dataset": export.manifest.get("dataset"),
+                    "users": len(export.users),
+                    "models": export.models,
+                },
+                "settings": {
+                    "seconds": seconds,
+                    "connections": connections,
+                    "rate": rate,
+                    "tool": tool,
+                    "native": native,
+                },
+                "targets": [
+                    {
+                        "target": p.target,
+                        "path": p.path,
+                        "load": asdict(p.load),
+                        "cpu_s": p.cpu_s,
+                        "cpu_ms_per_request": p.cpu_ms_per_request,
+                        **p.stats,
+                    }
+                    for p in profiles
+                ],
+            },
+            indent=1,
+        )
+    )
     return profiles
 
 # %% ../nbs/40_profiling.ipynb #4dd151d9
 def _ms(x: float) -> str:
     return f"{x:.3f} ms"
 
+
 def interpret(p: TargetProfile, health: TargetProfile | None) -> list[str]:
     "Sentences about one target, generated from its figures and /health's."
     s, cpu = p.stats, p.cpu_ms_per_request
     layers = sorted(s["layers"].items(), key=lambda kv: -kv[1])
-    out = [f"`{p.path}` served {p.load.rps:.0f} req/s (p50 {p.load.p50_ms:.1f} ms, p99 {p.load.p99_ms:.1f} ms) while py-spy took "
-           f"{s['samples']} samples of the worker, which used {_ms(cpu)} of CPU per request.",
-           f"The CPU goes first to {layers[0][0]} ({layers[0][1]:.0%}), then {layers[1][0]} ({layers[1][1]:.0%}) and "
-           f"{layers[2][0]} ({layers[2][1]:.0%}); code of reco_lab itself runs {s['layers']['reco_lab']:.1%} of the samples.",
-           f"The hottest function by self time is `{s['top_self'][0][0]}` ({s['top_self'][0][1]:.1%}); the access log line takes "
-           f"{s['activities']['access log']:.0%} of the samples ({_ms(s['activities']['access log'] * cpu)} per request)."]
+    out = [
+        f"`{p.path}` served {p.load.rps:.0f} req/s (p50 {p.load.p50_ms:.1f} ms, p99 {p.load.p99_ms:.1f} ms) while py-spy took "
+        f"{s['samples']} samples of the worker, which used {_ms(cpu)} of CPU per request.",
+        f"The CPU goes first to {layers[0][0]} ({layers[0][1]:.0%}), then {layers[1][0]} ({layers[1][1]:.0%}) and "
+        f"{layers[2][0]} ({layers[2][1]:.0%}); code of reco_lab itself runs {s['layers']['reco_lab']:.1%} of the samples.",
+        f"The hottest function by self time is `{s['top_self'][0][0]}` ({s['top_self'][0][1]:.1%}); the access log line takes "
+        f"{s['activities']['access log']:.0%} of the samples ({_ms(s['activities']['access log'] * cpu)} per request).",
+    ]
     if p.target != "health":
-        out.append(f"The request handler is on {s['activities']['request handler']:.0%} of the samples; the model work "
-                   f"(`recommend` down to `Export.recommend`) on {s['activities']['model work']:.1%}, {_ms(s['activities']['model work'] * cpu)} per request.")
+        out.append(
+            f"The request handler is on {s['activities']['request handler']:.0%} of the samples; the model work "
+            f"(`recommend` down to `Export.recommend`) on {s['activities']['model work']:.1%}, {_ms(s['activities']['model work'] * cpu)} per request."
+        )
     if health is not None and p.target != "health":
         h = health.cpu_ms_per_request
         diff = {k: s["layers"][k] * cpu - health.stats["layers"][k] * h for k in s["layers"]}
         biggest = sorted(diff.items(), key=lambda kv: -kv[1])[:2]
-        out.append(f"Against `/health` ({_ms(h)} per request, {health.load.rps:.0f} req/s) this route costs {_ms(cpu - h)} more "
-                   f"per request ({(cpu / h - 1):+.0%}), throughput {p.load.rps / health.load.rps:.2f}x; the extra time is mostly in "
-                   f"{biggest[0][0]} ({biggest[0][1]:+.3f} ms) and {biggest[1][0]} ({biggest[1][1]:+.3f} ms).")
-    out.append("No reloader frame was sampled." if s["reloader_frames"] == 0 else f"{s['reloader_frames']} samples are in reloader frames: the wrong process was profiled.")
+        out.append(
+            f"Against `/health` ({_ms(h)} per request, {health.load.rps:.0f} req/s) this route costs {_ms(cpu - h)} more "
+            f"per request ({(cpu / h - 1):+.0%}), throughput {p.load.rps / health.load.rps:.2f}x; the extra time is mostly in "
+            f"{biggest[0][0]} ({biggest[0][1]:+.3f} ms) and {biggest[1][0]} ({biggest[1][1]:+.3f} ms)."
+        )
+    out.append(
+        "No reloader frame was sampled."
+        if s["reloader_frames"] == 0
+        else f"{s['reloader_frames']} samples are in reloader frames: the wrong process was profiled."
+    )
     return out
 
 # %% ../nbs/40_profiling.ipynb #44e486bd
@@ -272,18 +404,25 @@ def before_after(profiles: list[TargetProfile], before: dict) -> list[str]:
     cpu_new = {t: new[t].cpu_ms_per_request for t in common}
     fa_old = {t: old[t]["layers"][fapi] * cpu_old[t] for t in common}
     fa_new = {t: new[t].stats["layers"][fapi] * cpu_new[t] for t in common}
-    lines = ["| target | CPU ms/request before | after | FastAPI layer ms before | after | CPU vs /health before | after |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| target | CPU ms/request before | after | FastAPI layer ms before | after | CPU vs /health before | after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for t in common:
-        lines.append(f"| `{new[t].path}` | {cpu_old[t]:.3f} | {cpu_new[t]:.3f} | {fa_old[t]:.3f} | {fa_new[t]:.3f} | "
-                     f"{cpu_old[t] / cpu_old['health']:.2f}x | {cpu_new[t] / cpu_new['health']:.2f}x |")
+        lines.append(
+            f"| `{new[t].path}` | {cpu_old[t]:.3f} | {cpu_new[t]:.3f} | {fa_old[t]:.3f} | {fa_new[t]:.3f} | "
+            f"{cpu_old[t] / cpu_old['health']:.2f}x | {cpu_new[t] / cpu_new['health']:.2f}x |"
+        )
     reco = [t for t in common if t != "health"]
     mean = lambda d: sum(d[t] for t in reco) / len(reco)  # noqa: E731
-    lines += ["", f"Over the `/reco` targets, the worker's CPU time per request went from {mean(cpu_old):.3f} to "
-              f"{mean(cpu_new):.3f} ms on average ({mean(cpu_new) / mean(cpu_old) - 1:+.0%}), and FastAPI's share of it beyond what "
-              f"`/health` spends there from {mean(fa_old) - fa_old['health']:.3f} to {mean(fa_new) - fa_new['health']:.3f} ms "
-              f"(before: {before.get('commit', 'an earlier run')}). Requests per second of single runs on a shared machine move "
-              "with whatever else runs; the throughput ratios are measured by `reco-lab bench serve`, which alternates the targets."]
+    lines += [
+        "",
+        f"Over the `/reco` targets, the worker's CPU time per request went from {mean(cpu_old):.3f} to "
+        f"{mean(cpu_new):.3f} ms on average ({mean(cpu_new) / mean(cpu_old) - 1:+.0%}), and FastAPI's share of it beyond what "
+        f"`/health` spends there from {mean(fa_old) - fa_old['health']:.3f} to {mean(fa_new) - fa_new['health']:.3f} ms "
+        f"(before: {before.get('commit', 'an earlier run')}). Requests per second of single runs on a shared machine move "
+        "with whatever else runs; the throughput ratios are measured by `reco-lab bench serve`, which alternates the targets.",
+    ]
     return lines
 
 # %% ../nbs/40_profiling.ipynb #b233b0f3
@@ -292,11 +431,20 @@ def comparison(profiles: list[TargetProfile]) -> pd.DataFrame:
     rows = []
     for p in profiles:
         cpu = p.cpu_ms_per_request
-        rows.append({"target": p.path, "req/s": round(p.load.rps), "p50 ms": round(p.load.p50_ms, 2), "p99 ms": round(p.load.p99_ms, 2),
-                     "samples": p.stats["samples"], "CPU ms/request": round(cpu, 3),
-                     **{f"{k} ms": round(v * cpu, 3) for k, v in p.stats["layers"].items()},
-                     "model work ms": round(p.stats["activities"]["model work"] * cpu, 3)})
+        rows.append(
+            {
+                "target": p.path,
+                "req/s": round(p.load.rps),
+                "p50 ms": round(p.load.p50_ms, 2),
+                "p99 ms": round(p.load.p99_ms, 2),
+                "samples": p.stats["samples"],
+                "CPU ms/request": round(cpu, 3),
+                **{f"{k} ms": round(v * cpu, 3) for k, v in p.stats["layers"].items()},
+                "model work ms": round(p.stats["activities"]["model work"] * cpu, 3),
+            }
+        )
     return pd.DataFrame(rows).set_index("target")
+
 
 def comparison_chart(profiles: list[TargetProfile], path: str | Path):
     "Stacked bars: CPU time per request by layer, one bar per target."
@@ -308,7 +456,9 @@ def comparison_chart(profiles: list[TargetProfile], path: str | Path):
     table = comparison(profiles)
     cols = [c for c in table.columns if c.endswith(" ms") and c[:-3] in COLOURS]
     fig, ax = plt.subplots(figsize=(9, 4))
-    table[cols].rename(columns=lambda c: c[:-3]).plot.bar(stacked=True, ax=ax, color=[COLOURS[c[:-3]] for c in cols], width=0.7)
+    table[cols].rename(columns=lambda c: c[:-3]).plot.bar(
+        stacked=True, ax=ax, color=[COLOURS[c[:-3]] for c in cols], width=0.7
+    )
     ax.set_ylabel("worker CPU ms per request")
     ax.set_xlabel("")
     ax.set_title("Where a request's CPU time goes, by layer (py-spy, non-idle samples)")
@@ -319,32 +469,58 @@ def comparison_chart(profiles: list[TargetProfile], path: str | Path):
     plt.close(fig)
     return path
 
+
 def _md_table(frame: pd.DataFrame) -> str:
     frame = frame.reset_index()
-    rows = [list(map(str, frame.columns)), ["---"] * len(frame.columns)] + [[str(v) for v in r] for r in frame.itertuples(index=False)]
+    rows = [list(map(str, frame.columns)), ["---"] * len(frame.columns)] + [
+        [str(v) for v in r] for r in frame.itertuples(index=False)
+    ]
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
 
 def profiles_report(profiles: list[TargetProfile], meta: dict) -> str:
     "The markdown of reports/profiling/README.md."
     health = next((p for p in profiles if p.target == "health"), None)
     load = f" (1-minute load average {meta['load']:.1f} at the end of the run)" if "load" in meta else ""
-    lines = ["# Profiles of the live service", "",
-             f"py-spy {meta['py_spy']} sampled the uvicorn worker of `reco-lab serve` (pid {meta.get('pid', 'of the worker')}, no reloader) "
-             f"at {meta['rate']} Hz, idle samples excluded, while `{meta['tool']}` sent {meta['connections']} connections of requests "
-             f"for {meta['seconds']:g} s per target (random warm users). Export: `{meta['dataset']}`, {meta['users']} users, models "
-             f"{', '.join(meta['models'])}. Machine: {meta['cpus']} CPUs shared by the load generator, py-spy and the worker{load}. "
-             f"Regenerate with `{meta['command']}`.", "",
-             "## Side by side", "", "CPU time per request (ms) by layer; `model work` is inclusive (`recommend` and below).", "",
-             _md_table(comparison(profiles)), "", "![CPU per request by layer](comparison.png)", ""]
+    lines = [
+        "# Profiles of the live service",
+        "",
+        f"py-spy {meta['py_spy']} sampled the uvicorn worker of `reco-lab serve` (pid {meta.get('pid', 'of the worker')}, no reloader) "
+        f"at {meta['rate']} Hz, idle samples excluded, while `{meta['tool']}` sent {meta['connections']} connections of requests "
+        f"for {meta['seconds']:g} s per target (random warm users). Export: `{meta['dataset']}`, {meta['users']} users, models "
+        f"{', '.join(meta['models'])}. Machine: {meta['cpus']} CPUs shared by the load generator, py-spy and the worker{load}. "
+        f"Regenerate with `{meta['command']}`.",
+        "",
+        "## Side by side",
+        "",
+        "CPU time per request (ms) by layer; `model work` is inclusive (`recommend` and below).",
+        "",
+        _md_table(comparison(profiles)),
+        "",
+        "![CPU per request by layer](comparison.png)",
+        "",
+    ]
     if meta.get("fix"):
         lines += ["## Fix", "", *meta["fix"], ""]
     for p in profiles:
-        lines += [f"## `{p.path}`", "", *[f"- {s}" for s in interpret(p, health)], "",
-                  f"![flamegraph of {p.path}]({p.target}.svg)", "",
-                  f"Files: [`{p.target}.svg`]({p.target}.svg), [`{p.target}.speedscope.json`]({p.target}.speedscope.json) "
-                  f"(open in https://www.speedscope.app), [`{p.target}.txt`]({p.target}.txt) (collapsed stacks).", "",
-                  "| top by self time | share | top by total time | share |", "| --- | --- | --- | --- |",
-                  *[f"| `{a}` | {x:.1%} | `{b}` | {y:.1%} |" for (a, x), (b, y) in zip(p.stats["top_self"], p.stats["top_total"])], ""]
+        lines += [
+            f"## `{p.path}`",
+            "",
+            *[f"- {s}" for s in interpret(p, health)],
+            "",
+            f"![flamegraph of {p.path}]({p.target}.svg)",
+            "",
+            f"Files: [`{p.target}.svg`]({p.target}.svg), [`{p.target}.speedscope.json`]({p.target}.speedscope.json) "
+            f"(open in https://www.speedscope.app), [`{p.target}.txt`]({p.target}.txt) (collapsed stacks).",
+            "",
+            "| top by self time | share | top by total time | share |",
+            "| --- | --- | --- | --- |",
+            *[
+                f"| `{a}` | {x:.1%} | `{b}` | {y:.1%} |"
+                for (a, x), (b, y) in zip(p.stats["top_self"], p.stats["top_total"])
+            ],
+            "",
+        ]
     return "\n".join(lines)
 
 # %% ../nbs/40_profiling.ipynb #f7d206d5
@@ -352,20 +528,37 @@ def main(argv: list[str] | None = None) -> int:
     "`reco-lab profile`: execute nbs/40_profiling.ipynb through papermill, writing reports/profiling/."
     import papermill
 
-    p = argparse.ArgumentParser(prog="reco-lab profile", description="Profile the live service with py-spy into reports/profiling/.")
+    p = argparse.ArgumentParser(
+        prog="reco-lab profile", description="Profile the live service with py-spy into reports/profiling/."
+    )
     p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
     p.add_argument("--out", default=str(project_root() / "reports" / "profiling"), help="output folder")
     p.add_argument("--seconds", type=float, default=10.0, help="load and recording per target (default 10)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
-    p.add_argument("--tool", choices=["auto", "wrk", "asyncio"], default="auto", help="load generator (auto: wrk if installed)")
+    p.add_argument(
+        "--tool", choices=["auto", "wrk", "asyncio"], default="auto", help="load generator (auto: wrk if installed)"
+    )
     p.add_argument("--native", action="store_true", help="also sample native (C) frames")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = {"models_dir": args.models_dir, "out_dir": str(out), "seconds": args.seconds, "connections": args.connections,
-              "rate": args.rate, "tool": args.tool, "native": args.native}
-    papermill.execute_notebook(str(project_root() / "nbs" / "40_profiling.ipynb"), str(out / "40_profiling.ipynb"),
-                               parameters=params, cwd=str(project_root()), progress_bar=False, kernel_name="python3")
+    params = {
+        "models_dir": args.models_dir,
+        "out_dir": str(out),
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "rate": args.rate,
+        "tool": args.tool,
+        "native": args.native,
+    }
+    papermill.execute_notebook(
+        str(project_root() / "nbs" / "40_profiling.ipynb"),
+        str(out / "40_profiling.ipynb"),
+        parameters=params,
+        cwd=str(project_root()),
+        progress_bar=False,
+        kernel_name="python3",
+    )
     print(f"profiles written to {out}/ (README.md, <target>.svg, .speedscope.json, .txt)")
     return 0

@@ -27,8 +27,11 @@ from mlflow.types.schema import Array, ColSpec, Schema
 from .export import ExportError, load_export
 
 # %% ../nbs/22_registry.ipynb #5470d5d1
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec(DataType.long, "user_id")]),
-                           outputs=Schema([ColSpec(DataType.long, "user_id"), ColSpec(Array(DataType.long), "items")]))
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.long, "user_id")]),
+    outputs=Schema([ColSpec(DataType.long, "user_id"), ColSpec(Array(DataType.long), "items")]),
+)
+
 
 class ExportModel(mlflow.pyfunc.PythonModel):
     "An MLflow pyfunc over a serving export: `predict` gives each `user_id` the service's `k` items of one model."
@@ -44,14 +47,18 @@ class ExportModel(mlflow.pyfunc.PythonModel):
         if "user_id" not in frame:
             raise ValueError(f"the input needs a user_id column, got {list(frame.columns)}")
         users = frame["user_id"].to_numpy(dtype=np.int64)
-        return pd.DataFrame({"user_id": users, "items": [self.export.recommend(self.model, int(u), self.k) for u in users]})
+        return pd.DataFrame(
+            {"user_id": users, "items": [self.export.recommend(self.model, int(u), self.k) for u in users]}
+        )
 
 # %% ../nbs/22_registry.ipynb #64fb29d5
 PIP_PACKAGES = ("mlflow", "numpy", "pandas", "threadpoolctl", "platformdirs")
 
+
 def pip_requirements() -> list[str]:
     "What loading the model needs: the installed versions of its imports, and reco_lab from this repository."
     return [f"{name}=={version(name)}" for name in PIP_PACKAGES] + [f"reco_lab=={version('reco_lab')}"]
+
 
 def _link_or_copy(src: str, dst: str) -> None:
     "A hard link where the filesystem allows one (no copy of a large export), else a copy."
@@ -59,6 +66,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
 
 def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: int = 10) -> Path:
     "Write an MLflow pyfunc model serving `model` from the export in `export_dir` into the new folder `path`."
@@ -69,15 +77,24 @@ def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: i
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as stage:  # MLflow names the copy after the folder
         link = Path(stage) / "export"
         shutil.copytree(export_dir, link, copy_function=_link_or_copy)  # (and refuses symlinks)
-        mlflow.pyfunc.save_model(str(path), python_model=ExportModel(), artifacts={"export": str(link)},
-                                 model_config={"model": model, "k": k}, signature=SIGNATURE, input_example=example,
-                                 pip_requirements=pip_requirements(), metadata={"reco_lab_model": model})
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=ExportModel(),
+            artifacts={"export": str(link)},
+            model_config={"model": model, "k": k},
+            signature=SIGNATURE,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata={"reco_lab_model": model},
+        )
     if not (Path(path) / "artifacts" / "export" / "manifest.json").is_file():
         raise ExportError(f"{path}: MLflow did not copy the export into artifacts/export")
     return Path(path)
 
-def log_export_model(client, run_id: str, export_dir: str | Path, model: str, artifact_path: str = "model",
-                     k: int = 10) -> str:
+
+def log_export_model(
+    client, run_id: str, export_dir: str | Path, model: str, artifact_path: str = "model", k: int = 10
+) -> str:
     "Log the pyfunc model of `model` over `export_dir` as the run's `artifact_path`; its artifact URI."
     with tempfile.TemporaryDirectory() as tmp:
         save_export_model(export_dir, model, Path(tmp) / "model", k)
@@ -98,6 +115,7 @@ def quiet_downloads():
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
 
+
 def resolve_model_uri(uri: str, store: str) -> str:
     "The artifact location behind `models:/<name>@<alias>` or `models:/<name>/<version>` in the registry of `store`."
     from mlflow import MlflowClient
@@ -110,6 +128,7 @@ def resolve_model_uri(uri: str, store: str) -> str:
     else:
         version = rest.split("/", 1)[0]
     return client.get_model_version_download_uri(name, version)
+
 
 def download_export(uri: str, cache_dir: str | Path, tracking: str | None = None) -> Path:
     "Download the MLflow model at `uri` (`models:/` resolved in `tracking`, default reco_lab's store) into `cache_dir`; its verified export."
@@ -129,7 +148,9 @@ def download_export(uri: str, cache_dir: str | Path, tracking: str | None = None
         try:
             source = resolve_model_uri(uri, store) if uri.startswith("models:/") else uri
             with quiet_downloads():
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=store))
+                local = Path(
+                    mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=store)
+                )
         except MlflowException as e:
             raise ExportError(f"cannot download {uri}: {str(e).splitlines()[0][:300]}") from None
         except Exception as e:  # connection refused, DNS, timeouts: the client's own exceptions vary by store

@@ -13,26 +13,32 @@ import argparse
 import sys
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import optuna
 import yaml
 
 from .evaluation import split_id
-from .experiment import (config_path, evaluate_folds, fit_fold, model_module, resolve_params, setup,
-                                 tuned_config)
+from .experiment import config_path, evaluate_folds, fit_fold, model_module, resolve_params, setup, tuned_config
 from .tracking import SELECTION_METRIC, tracked_run
 
 # %% ../nbs/15_tuning.ipynb #7b48d94d
 TUNABLE = ("knn", "als", "lightfm", "ease", "ranker")
 
+
 def best_tuned_candidate(dataset: str) -> str:
     "The candidate model with the best `best_val_map_at_10` in the dataset's config file."
-    scores = {m: e.get(f"best_{SELECTION_METRIC}", float("-inf")) for m, e in tuned_config(dataset).items() if m != "ranker"}
+    scores = {
+        m: e.get(f"best_{SELECTION_METRIC}", float("-inf")) for m, e in tuned_config(dataset).items() if m != "ranker"
+    }
     if not scores:
-        raise ValueError(f"no tuned candidate in {config_path(dataset)}: tune the candidates first "
-                         "(reco-lab tune --model als --save, ...) or pass --first-stage")
+        raise ValueError(
+            f"no tuned candidate in {config_path(dataset)}: tune the candidates first "
+            "(reco-lab tune --model als --save, ...) or pass --first-stage"
+        )
     return max(scores, key=scores.get)
+
 
 def base_params(name: str, dataset: str, protocol: str, seed: int, first_stage: str | None = None) -> dict[str, Any]:
     "What a trial starts from: the resolved params (no curves: eval_every 0), and for the ranker its fixed first stage."
@@ -43,9 +49,13 @@ def base_params(name: str, dataset: str, protocol: str, seed: int, first_stage: 
         params["eval_every"] = 0
     if name == "ranker":
         first = first_stage or best_tuned_candidate(dataset)
-        params |= {"protocol": protocol, "first_stage": first,
-                   "first_stage_params": json.dumps(resolve_params(first, dataset, {"seed": seed}), sort_keys=True)}
+        params |= {
+            "protocol": protocol,
+            "first_stage": first,
+            "first_stage_params": json.dumps(resolve_params(first, dataset, {"seed": seed}), sort_keys=True),
+        }
     return params
+
 
 def quick_params(params: dict[str, Any]) -> dict[str, Any]:
     "The same params with a quick study's caps: at most 4 epochs, 150 CatBoost iterations, 30 candidates."
@@ -56,6 +66,7 @@ def quick_params(params: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class Tuning:
     "The outcome of a search."
+
     model: str
     parent_run_id: str
     best_value: float
@@ -65,9 +76,21 @@ class Tuning:
     split: str
     study: optuna.Study
 
-def tune(name: str, trials: int, *, dataset: str = "ml-100k", protocol: str = "", n_folds: int = 3, quick: bool = False,
-         seed: int = 42, study_id: str = "", first_stage: str | None = None, uri: str | None = None,
-         log: Callable[[str], None] = print) -> Tuning:
+
+def tune(
+    name: str,
+    trials: int,
+    *,
+    dataset: str = "ml-100k",
+    protocol: str = "",
+    n_folds: int = 3,
+    quick: bool = False,
+    seed: int = 42,
+    study_id: str = "",
+    first_stage: str | None = None,
+    uri: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Tuning:
     "Search model `name`'s space for `trials` trials (seeded TPE) maximising the mean validation MAP@10; all in MLflow."
     if name not in TUNABLE:
         raise ValueError(f"cannot tune {name!r}: tunable models are {', '.join(TUNABLE)}")
@@ -80,19 +103,46 @@ def tune(name: str, trials: int, *, dataset: str = "ml-100k", protocol: str = ""
     tags = {"split": split, "tuning": "search"}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    search = {"trials": trials, "sampler": "TPE", "sampler_seed": seed, "n_folds": len(folds),
-              **{k: v for k, v in base.items() if k in ("first_stage", "protocol")}}
-    with tracked_run(name, search, dataset=data.name, protocol=protocol, experiment="tuning", study_id=study_id,
-                     quick=quick, tags=tags, notebook="15_tuning.ipynb", uri=uri) as parent:
+    search = {
+        "trials": trials,
+        "sampler": "TPE",
+        "sampler_seed": seed,
+        "n_folds": len(folds),
+        **{k: v for k, v in base.items() if k in ("first_stage", "protocol")},
+    }
+    with tracked_run(
+        name,
+        search,
+        dataset=data.name,
+        protocol=protocol,
+        experiment="tuning",
+        study_id=study_id,
+        quick=quick,
+        tags=tags,
+        notebook="15_tuning.ipynb",
+        uri=uri,
+    ) as parent:
 
         def objective(trial: optuna.Trial) -> float:
             params = {**base, **module.search_space(trial, name)}
             params = quick_params(params) if quick else params
             trial.set_user_attr("params", params)
-            with tracked_run(name, params, dataset=data.name, protocol=protocol, experiment="tuning", study_id=study_id,
-                             quick=quick, tags={"split": split, "tuning": "trial", "trial": str(trial.number)},
-                             parent_run_id=parent.run_id, notebook="15_tuning.ipynb", uri=uri) as child:
-                table = evaluate_folds(child, folds, lambda fold, run: fit_fold(name, params, fold, run, data), test=False)
+            with tracked_run(
+                name,
+                params,
+                dataset=data.name,
+                protocol=protocol,
+                experiment="tuning",
+                study_id=study_id,
+                quick=quick,
+                tags={"split": split, "tuning": "trial", "trial": str(trial.number)},
+                parent_run_id=parent.run_id,
+                notebook="15_tuning.ipynb",
+                uri=uri,
+            ) as child:
+                table = evaluate_folds(
+                    child, folds, lambda fold, run: fit_fold(name, params, fold, run, data), test=False
+                )
             value = float(table.loc["mean", SELECTION_METRIC])
             parent.curves.log(f"{SELECTION_METRIC}_by_trial", value, trial.number)
             log(f"trial {trial.number + 1}/{trials}: {SELECTION_METRIC} {value:.4f}  {trial.params}")
@@ -107,6 +157,7 @@ def tune(name: str, trials: int, *, dataset: str = "ml-100k", protocol: str = ""
     log(f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number + 1} of {trials}: {best.params}")
     return Tuning(name, parent.run_id, best.value, best_params, trials, protocol, split, study)
 
+
 def optuna_param(key: str, value: Any):
     "An MLflow Param (values as strings, like every param)."
     from mlflow.entities import Param
@@ -120,6 +171,7 @@ CONFIG_HEADER = """\
 # read `params` as their defaults; a notebook parameter or papermill's -p overrides them.
 """
 
+
 def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
     "Write `result`'s best values for its model into the dataset's config file; return the path."
     if quick:
@@ -127,9 +179,14 @@ def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
     name = result.model
     keys = model_module(name).DEFAULTS[name]
     harness = ("seed", "eval_every")  # the search's own settings, not tuned values
-    entry = {"params": {k: result.best_params[k] for k in keys if k in result.best_params and k not in harness},
-             f"best_{SELECTION_METRIC}": round(result.best_value, 6), "trials": result.trials,
-             "protocol": result.protocol, "split": result.split, "tuned_on": date.today().isoformat()}
+    entry = {
+        "params": {k: result.best_params[k] for k in keys if k in result.best_params and k not in harness},
+        f"best_{SELECTION_METRIC}": round(result.best_value, 6),
+        "trials": result.trials,
+        "protocol": result.protocol,
+        "split": result.split,
+        "tuned_on": date.today().isoformat(),
+    }
     if name == "ranker":
         entry["first_stage"] = result.best_params["first_stage"]
     path = config_path(dataset)
@@ -144,8 +201,11 @@ def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
 # %% ../nbs/15_tuning.ipynb #83eea707
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab tune --model NAME --trials N [--dataset D] [--protocol P] [--quick] [--save]`."
-    p = argparse.ArgumentParser(prog="reco-lab tune", description="Tune a model's hyper-parameters with Optuna on the "
-                                "validation splits (never the test); every trial is a nested MLflow run.")
+    p = argparse.ArgumentParser(
+        prog="reco-lab tune",
+        description="Tune a model's hyper-parameters with Optuna on the "
+        "validation splits (never the test); every trial is a nested MLflow run.",
+    )
     p.add_argument("--model", required=True, choices=TUNABLE, help="the model to tune")
     p.add_argument("--trials", type=int, default=20, help="number of Optuna trials (default 20)")
     p.add_argument("--dataset", default="ml-100k", help="ml-100k, kion:<dir> or synthetic:<n_users>")
@@ -153,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-folds", type=int, default=3)
     p.add_argument("--seed", type=int, default=42, help="seed of the TPE sampler and of the models")
     p.add_argument("--quick", action="store_true", help="two folds, few epochs: a smoke test, never saved")
-    p.add_argument("--first-stage", help="ranker only: the candidate under CatBoost (default: the best tuned in the config)")
+    p.add_argument(
+        "--first-stage", help="ranker only: the candidate under CatBoost (default: the best tuned in the config)"
+    )
     p.add_argument("--save", action="store_true", help="write the best values into configs/<dataset>.yaml")
     args = p.parse_args(argv)
     if args.save and args.quick:
@@ -162,8 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     from reco_lab.tracking import TrackingUnavailable
 
     try:
-        result = tune(args.model, args.trials, dataset=args.dataset, protocol=args.protocol, n_folds=args.n_folds,
-                      quick=args.quick, seed=args.seed, first_stage=args.first_stage)
+        result = tune(
+            args.model,
+            args.trials,
+            dataset=args.dataset,
+            protocol=args.protocol,
+            n_folds=args.n_folds,
+            quick=args.quick,
+            seed=args.seed,
+            first_stage=args.first_stage,
+        )
     except (DataError, TrackingUnavailable, ValueError) as e:
         print(f"reco-lab tune: {e}", file=sys.stderr)
         return 2

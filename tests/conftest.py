@@ -15,7 +15,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import platformdirs
 import psutil
@@ -61,6 +61,7 @@ def query(stack, sql: str, *args) -> list[tuple]:
 
 # --- what the local tracking stack needs from the system ----------------------------------------------------------
 
+
 @functools.cache
 def missing_stack_parts() -> str:
     "What `reco_lab.stack` lacks on this machine, '' when nothing (`make test` installs PostgreSQL as root with apt)."
@@ -94,6 +95,7 @@ STANDIN_PYTHON_IMAGE = "reco-lab/python-standin:3.11-bookworm"
 @dataclass
 class Engine:
     "A Docker engine: the docker CLI that goes with it and its DOCKER_HOST."
+
     cli: str
     host: str
 
@@ -127,8 +129,10 @@ def docker_unavailable() -> str:
         return "dockerd needs root; run as root, or point RECO_LAB_TEST_DOCKER_HOST at an engine of yours"
     others = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"]
     if others:
-        return (f"another dockerd runs here (pid {others[0]}) and the tests start their own, which would share its "
-                "docker0 bridge and iptables chains: stop it, or point RECO_LAB_TEST_DOCKER_HOST at it")
+        return (
+            f"another dockerd runs here (pid {others[0]}) and the tests start their own, which would share its "
+            "docker0 bridge and iptables chains: stop it, or point RECO_LAB_TEST_DOCKER_HOST at it"
+        )
     return ""
 
 
@@ -143,10 +147,17 @@ def docker_cli(dockerd: str) -> str:
 def start_dockerd(data_root: Path, run_dir: Path, timeout: float = 60) -> tuple[subprocess.Popen, Engine]:
     "dockerd (and the containerd it starts) with its own data root, exec root, pid file and socket under `run_dir`."
     dockerd = shutil.which("dockerd", path=SBIN_PATH)
-    cmd = [dockerd, f"--data-root={data_root}", f"--exec-root={run_dir / 'exec'}",
-           f"--pidfile={run_dir / 'dockerd.pid'}", f"--host=unix://{run_dir / 'docker.sock'}"]
+    cmd = [
+        dockerd,
+        f"--data-root={data_root}",
+        f"--exec-root={run_dir / 'exec'}",
+        f"--pidfile={run_dir / 'dockerd.pid'}",
+        f"--host=unix://{run_dir / 'docker.sock'}",
+    ]
     with open(run_dir / "dockerd.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     engine = Engine(docker_cli(dockerd), f"unix://{run_dir / 'docker.sock'}")
     deadline = time.monotonic() + timeout
     while engine("version", "--format", "{{.Server.Version}}", check=False, timeout=10).returncode != 0:
@@ -210,19 +221,25 @@ def docker_session() -> Iterator[DockerSession]:
             yield DockerSession(engine)
         finally:
             containers = engine("ps", "-aq", check=False).stdout.split()
-            networks = [n for n in engine("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
-                        if n not in ("bridge", "host", "none")]
+            networks = [
+                n
+                for n in engine("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+                if n not in ("bridge", "host", "none")
+            ]
             if containers:
                 engine("rm", "-f", *containers, check=False)
             if networks:
                 engine("network", "rm", *networks, check=False)
-            engine("image", "prune", "-f", check=False)  # untagged layers of earlier builds; tagged images stay as cache
+            engine(
+                "image", "prune", "-f", check=False
+            )  # untagged layers of earlier builds; tagged images stay as cache
             left = stop_dockerd(proc, run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
             if not had_bridge and Path("/sys/class/net/docker0").exists():  # dockerd leaves its bridge behind
                 run(["ip", "link", "delete", "docker0"])
-        assert not (containers or networks or left), \
+        assert not (containers or networks or left), (
             f"left behind: containers {containers}, networks {networks}, processes {left}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -236,8 +253,12 @@ def docker_engine(docker_session) -> Engine:
 def make_images(target: str, engine: Engine, *, buildkit: bool, **variables: str) -> float:
     "`make <target>` against `engine`, with BuildKit or the classic builder; the seconds it took."
     started = time.monotonic()
-    done = run(["make", "--no-print-directory", target, f"DOCKER={engine.cli}", *(f"{k}={v}" for k, v in variables.items())],
-               cwd=ROOT, env={**engine.env, "DOCKER_BUILDKIT": "1" if buildkit else "0"}, timeout=1800)
+    done = run(
+        ["make", "--no-print-directory", target, f"DOCKER={engine.cli}", *(f"{k}={v}" for k, v in variables.items())],
+        cwd=ROOT,
+        env={**engine.env, "DOCKER_BUILDKIT": "1" if buildkit else "0"},
+        timeout=1800,
+    )
     assert done.returncode == 0, f"make {target} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return time.monotonic() - started
 
@@ -249,13 +270,19 @@ def python_image(docker_engine) -> str:
         if docker_engine(*attempt, check=False).returncode == 0:
             return OFFICIAL_PYTHON_IMAGE
     if not shutil.which("debootstrap", path=SBIN_PATH):
-        pytest.skip(f"no base image: {OFFICIAL_PYTHON_IMAGE} cannot be pulled and debootstrap, which builds the local "
-                    "stand-in, is not installed (apt-get install debootstrap)")
+        pytest.skip(
+            f"no base image: {OFFICIAL_PYTHON_IMAGE} cannot be pulled and debootstrap, which builds the local "
+            "stand-in, is not installed (apt-get install debootstrap)"
+        )
     started = time.monotonic()
-    done = run([str(ROOT / "scripts" / "build-python-standin"), STANDIN_PYTHON_IMAGE], env=docker_engine.env, timeout=1200)
+    done = run(
+        [str(ROOT / "scripts" / "build-python-standin"), STANDIN_PYTHON_IMAGE], env=docker_engine.env, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    print(f"base image: {OFFICIAL_PYTHON_IMAGE} cannot be pulled; local stand-in {STANDIN_PYTHON_IMAGE} "
-          f"({time.monotonic() - started:.0f} s)")
+    print(
+        f"base image: {OFFICIAL_PYTHON_IMAGE} cannot be pulled; local stand-in {STANDIN_PYTHON_IMAGE} "
+        f"({time.monotonic() - started:.0f} s)"
+    )
     return STANDIN_PYTHON_IMAGE
 
 
@@ -263,7 +290,9 @@ def python_image(docker_engine) -> str:
 def mlflow_image(docker_engine, python_image) -> str:
     "reco-lab/mlflow:<version>, built by `make docker-mlflow-image` with BuildKit and no network in the build."
     tag = f"reco-lab/mlflow:{importlib.metadata.version('mlflow')}"
-    seconds = make_images("docker-mlflow-image", docker_engine, buildkit=True, PYTHON_IMAGE=python_image, MLFLOW_IMAGE=tag)
+    seconds = make_images(
+        "docker-mlflow-image", docker_engine, buildkit=True, PYTHON_IMAGE=python_image, MLFLOW_IMAGE=tag
+    )
     print(f"make docker-mlflow-image: {seconds:.0f} s")
     return tag
 
@@ -277,13 +306,33 @@ def mlflow_container(engine: Engine, image: str, stack, timeout: float = 300) ->
     name = f"reco-lab-test-mlflow-{port}"
     folder = Path(tempfile.mkdtemp(prefix="reco-lab-mlflow-env-"))
     env_file = folder / "mlflow.env"  # the database password and the S3 secret stay off command lines
-    env_file.write_text(f"MLFLOW_BACKEND_STORE_URI={stack.backend_uri}\nMLFLOW_S3_ENDPOINT_URL={stack.s3_endpoint}\n"
-                        f"AWS_ACCESS_KEY_ID={stack.s3_key}\nAWS_SECRET_ACCESS_KEY={stack.s3_secret}\nAWS_DEFAULT_REGION=us-east-1\n")
+    env_file.write_text(
+        f"MLFLOW_BACKEND_STORE_URI={stack.backend_uri}\nMLFLOW_S3_ENDPOINT_URL={stack.s3_endpoint}\n"
+        f"AWS_ACCESS_KEY_ID={stack.s3_key}\nAWS_SECRET_ACCESS_KEY={stack.s3_secret}\nAWS_DEFAULT_REGION=us-east-1\n"
+    )
     env_file.chmod(0o600)
     try:
-        engine("run", "-d", "--name", name, "--network", "host", "--env-file", str(env_file), image,
-               "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--artifacts-destination", f"s3://{stack.bucket}")
+        engine(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--env-file",
+            str(env_file),
+            image,
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            f"s3://{stack.bucket}",
+        )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -293,7 +342,9 @@ def mlflow_container(engine: Engine, image: str, stack, timeout: float = 300) ->
                 state = engine("inspect", "--format", "{{.State.Status}}", name, check=False).stdout.strip()
                 if state != "running" or time.monotonic() > deadline:
                     logs = engine("logs", "--tail", "40", name, check=False)
-                    raise AssertionError(f"containerised mlflow server {state}, no /health:\n{logs.stdout}{logs.stderr}")
+                    raise AssertionError(
+                        f"containerised mlflow server {state}, no /health:\n{logs.stdout}{logs.stderr}"
+                    )
                 time.sleep(0.5)
         yield port
     finally:

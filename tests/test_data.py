@@ -1,4 +1,5 @@
 "Fetching, caching and validating the real data: what the notebook's own tests cannot show."
+
 import subprocess
 
 import pytest
@@ -41,6 +42,7 @@ def test_a_checksum_mismatch_caches_nothing(tmp_path, monkeypatch):
 
 # --- Kion files a careless user or an attacker could hand over (issue 14, items 6 and 7) ----------------------
 
+
 def kion_folder(tmp_path, edit_interactions=None):
     "A small valid Kion folder from synthetic data; `edit_interactions(lines)` rewrites interactions.csv."
     from reco_lab.data import make_synthetic, write_kion
@@ -59,17 +61,21 @@ def with_value(column: str, value: str, line: int = 7):
     def edit(lines):
         cells = lines[line - 1].split(",")
         cells[KION_COLUMNS["interactions.csv"].index(column)] = value
-        return "\n".join(lines[:line - 1] + [",".join(cells)] + lines[line:]) + "\n"
+        return "\n".join(lines[: line - 1] + [",".join(cells)] + lines[line:]) + "\n"
+
     return edit
 
 
-@pytest.mark.parametrize("column,value,message", [
-    ("user_id", "99999999999999999999", "does not fit a 64-bit integer"),
-    ("item_id", "1.5", "is not an integer"),
-    ("total_dur", "inf", "is not a finite number"),
-    ("watched_pct", "-inf", "is not a finite number"),
-    ("user_id", "-1", "is negative"),
-])
+@pytest.mark.parametrize(
+    "column,value,message",
+    [
+        ("user_id", "99999999999999999999", "does not fit a 64-bit integer"),
+        ("item_id", "1.5", "is not an integer"),
+        ("total_dur", "inf", "is not a finite number"),
+        ("watched_pct", "-inf", "is not a finite number"),
+        ("user_id", "-1", "is negative"),
+    ],
+)
 def test_kion_rejects_values_pandas_would_silently_change(tmp_path, column, value, message):
     from reco_lab.data import load_kion
 
@@ -94,8 +100,23 @@ def test_the_cli_stops_before_any_training_with_one_line(tmp_path, mlflow_uri):
     from conftest import ROOT, run, tool
 
     bad_id = kion_folder(tmp_path / "a", with_value("user_id", "99999999999999999999"))
-    done = run([tool("reco-lab"), "run", "--dataset", f"kion:{bad_id}", "--quick", "--only", "popular",
-                "--output-dir", str(tmp_path / "out"), "--reports-dir", str(tmp_path / "reports")], cwd=ROOT, timeout=300)
+    done = run(
+        [
+            tool("reco-lab"),
+            "run",
+            "--dataset",
+            f"kion:{bad_id}",
+            "--quick",
+            "--only",
+            "popular",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--reports-dir",
+            str(tmp_path / "reports"),
+        ],
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"{bad_id / 'interactions.csv'}: column 'user_id', line 7: '99999999999999999999'" in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.ipynb"))  # nothing ran

@@ -8,6 +8,7 @@ written exactly as `make run` writes it (reco_lab.export.write_export), mounted 
 read-only root filesystem; the compose `service` profile comes up healthy on the same export and is torn down.
 The MLflow image is built and run by tests/test_study.py, which runs the quick study against it.
 """
+
 import json
 import os
 import re
@@ -52,8 +53,9 @@ def images(docker_engine, python_image) -> dict[str, float]:
     "`make docker-image` with the classic builder and with BuildKit; the seconds each took."
     times = {}
     for tag, buildkit in ((SERVICE_IMAGE, False), (BUILDKIT_IMAGE, True)):
-        times[tag] = make_images("docker-image", docker_engine, buildkit=buildkit, PYTHON_IMAGE=python_image,
-                                 SERVICE_IMAGE=tag)
+        times[tag] = make_images(
+            "docker-image", docker_engine, buildkit=buildkit, PYTHON_IMAGE=python_image, SERVICE_IMAGE=tag
+        )
     print(f"make docker-image on {python_image}: " + ", ".join(f"{t} {s:.0f} s" for t, s in times.items()))
     return times
 
@@ -73,8 +75,22 @@ def service(docker_engine, images, export):
     from reco_lab.core import free_port
 
     port, name = free_port(), f"reco-lab-test-service-{os.getpid()}"
-    docker_engine("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "-v", f"{export}:/models:ro",
-                  "-p", f"127.0.0.1:{port}:8080", "-e", "GUNICORN_WORKERS=1", SERVICE_IMAGE)
+    docker_engine(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "-v",
+        f"{export}:/models:ro",
+        "-p",
+        f"127.0.0.1:{port}:8080",
+        "-e",
+        "GUNICORN_WORKERS=1",
+        SERVICE_IMAGE,
+    )
     try:
         print(f"{SERVICE_IMAGE}: healthy after {wait_healthy(docker_engine, name):.1f} s")
         yield name, f"http://127.0.0.1:{port}"
@@ -89,10 +105,12 @@ def test_both_builders_make_the_same_runtime_image_without_the_build_s_wheels(do
         assert config["Cmd"] == ["gunicorn", "--config", "/etc/reco-lab/gunicorn.conf.py", "reco_lab.service.app:app"]
         assert "/health" in " ".join(config["Healthcheck"]["Test"]) and "RECO_LAB_MODELS_DIR=/models" in config["Env"]
     assert configs[SERVICE_IMAGE]["Env"] == configs[BUILDKIT_IMAGE]["Env"]
-    probe = ("import importlib.util as u, os, reco_lab.service.app, reco_lab.registry; "
-             "print([m for m in ('rectools', 'catboost', 'implicit', 'lightfm', 'sqlalchemy') if u.find_spec(m)], "
-             "os.path.exists('/etc/pip.conf'), os.path.exists('/tmp/wheels'), sorted(os.listdir('/models')), "
-             "all(u.find_spec(m) for m in ('httptools', 'uvloop')))")
+    probe = (
+        "import importlib.util as u, os, reco_lab.service.app, reco_lab.registry; "
+        "print([m for m in ('rectools', 'catboost', 'implicit', 'lightfm', 'sqlalchemy') if u.find_spec(m)], "
+        "os.path.exists('/etc/pip.conf'), os.path.exists('/tmp/wheels'), sorted(os.listdir('/models')), "
+        "all(u.find_spec(m) for m in ('httptools', 'uvloop')))"
+    )
     # the serving path only (uvicorn's fast stack; mlflow-skinny for RECO_LAB_MODEL_URI): no research package, no
     # database driver, no wheels, no pip.conf, no models
     for tag in images:
@@ -129,15 +147,39 @@ def test_the_baked_image_carries_the_export_root_owned(docker_engine, images, ex
     from reco_lab.core import free_port
 
     tag = "reco-lab-service:baked-test"
-    docker_engine("build", "-f", str(ROOT / "docker" / "baked.Dockerfile"), "--build-arg", f"SERVICE_IMAGE={SERVICE_IMAGE}",
-                  "--network", "none", "-t", tag, str(export))
+    docker_engine(
+        "build",
+        "-f",
+        str(ROOT / "docker" / "baked.Dockerfile"),
+        "--build-arg",
+        f"SERVICE_IMAGE={SERVICE_IMAGE}",
+        "--network",
+        "none",
+        "-t",
+        tag,
+        str(export),
+    )
     port, name = free_port(), f"reco-lab-test-baked-{os.getpid()}"
     try:
-        docker_engine("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8080",
-                      "-e", "GUNICORN_WORKERS=1", tag)
+        docker_engine(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "-p",
+            f"127.0.0.1:{port}:8080",
+            "-e",
+            "GUNICORN_WORKERS=1",
+            tag,
+        )
         wait_healthy(docker_engine, name)
         assert get(f"http://127.0.0.1:{port}/reco/popular/3")[0] == 200
-        owners = docker_engine("exec", name, "stat", "-c", "%U %a", "/models", "/models/manifest.json").stdout.split("\n")
+        owners = docker_engine("exec", name, "stat", "-c", "%U %a", "/models", "/models/manifest.json").stdout.split(
+            "\n"
+        )
         assert owners[:2] == ["root 755", "root 644"]
     finally:
         docker_engine("rm", "-f", name, check=False)
@@ -150,19 +192,33 @@ def test_the_compose_service_profile_comes_up_healthy_serves_and_goes(docker_eng
     from reco_lab.core import free_port
 
     port, project = free_port(), f"reco-lab-test-{os.getpid()}"
-    settings = {"SERVICE_IMAGE": BUILDKIT_IMAGE, "SERVICE_PORT": str(port), "RECO_LAB_MODELS_HOST_DIR": str(export),
-                "GUNICORN_WORKERS": "1"}
+    settings = {
+        "SERVICE_IMAGE": BUILDKIT_IMAGE,
+        "SERVICE_PORT": str(port),
+        "RECO_LAB_MODELS_HOST_DIR": str(export),
+        "GUNICORN_WORKERS": "1",
+    }
     lines = [line for line in (ROOT / ".env.example").read_text().splitlines() if line.split("=")[0] not in settings]
     (tmp_path / "test.env").write_text("\n".join([*lines, *(f"{k}={v}" for k, v in settings.items())]) + "\n")
-    compose = ["docker-compose", "--project-name", project, "--env-file", str(tmp_path / "test.env"), "--profile", "service"]
+    compose = [
+        "docker-compose",
+        "--project-name",
+        project,
+        "--env-file",
+        str(tmp_path / "test.env"),
+        "--profile",
+        "service",
+    ]
     started = time.monotonic()
     up = run([*compose, "up", "-d", "--no-build"], cwd=ROOT, env=docker_engine.env, timeout=300)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         (container,) = run([*compose, "ps", "-q", "service"], cwd=ROOT, env=docker_engine.env).stdout.split()
         healthy_s = wait_healthy(docker_engine, container)
-        print(f"compose service profile: up and healthy in {time.monotonic() - started:.1f} s "
-              f"(healthcheck {healthy_s:.1f} s)")
+        print(
+            f"compose service profile: up and healthy in {time.monotonic() - started:.1f} s "
+            f"(healthcheck {healthy_s:.1f} s)"
+        )
         assert get(f"http://127.0.0.1:{port}/health")[0] == 200
         status, body = get(f"http://127.0.0.1:{port}/reco/knn/7")
         assert status == 200 and body["user_id"] == 7 and len(body["items"]) == 10

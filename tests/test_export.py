@@ -1,4 +1,5 @@
 "The serving export read by a user other than its writer, as the service's non-root container does."
+
 import os
 import shutil
 import subprocess
@@ -11,8 +12,10 @@ import pytest
 from reco_lab.data import make_synthetic
 from reco_lab.service.demo import build_demo_export
 
-LOAD = "import sys; from reco_lab.export import ExportError, load_export\n" \
-       "try:\n    print(load_export(sys.argv[1]))\nexcept ExportError as e:\n    print('ExportError:', e)\n"
+LOAD = (
+    "import sys; from reco_lab.export import ExportError, load_export\n"
+    "try:\n    print(load_export(sys.argv[1]))\nexcept ExportError as e:\n    print('ExportError:', e)\n"
+)
 
 
 def as_other_user(folder: Path) -> subprocess.CompletedProcess:
@@ -23,8 +26,13 @@ def as_other_user(folder: Path) -> subprocess.CompletedProcess:
         if setpriv is None:
             pytest.skip("running as root without setpriv: cannot read as another user")
         prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    return subprocess.run(prefix + [sys.executable, "-c", LOAD, str(folder)], capture_output=True, text=True,
-                          env={**os.environ, "HOME": "/tmp"}, cwd="/")
+    return subprocess.run(
+        prefix + [sys.executable, "-c", LOAD, str(folder)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": "/tmp"},
+        cwd="/",
+    )
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 A raw-socket client plays the attacker and the careless user: it sends exactly the bytes it means, pipelines
 requests, stalls half-way and opens more connections than the worker allows. Sentry goes to a local sink. Each
 defect of the issue has a test here; the property-based test at the end sends arbitrary path segments."""
+
 import json
 import socket
 import time
@@ -25,6 +26,7 @@ INT64 = 2**63
 
 
 # --- a raw HTTP/1.1 client --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Response:
@@ -106,8 +108,15 @@ class Connection:
         self.close()
 
 
-def request(path: str, token: str | None = None, method: str = "GET", headers: tuple[str, ...] = (), host: str = "testserver") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *([f"Authorization: Bearer {token}"] if token else []), *headers]
+def request(
+    path: str, token: str | None = None, method: str = "GET", headers: tuple[str, ...] = (), host: str = "testserver"
+) -> bytes:
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {host}",
+        *([f"Authorization: Bearer {token}"] if token else []),
+        *headers,
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -132,7 +141,7 @@ class Log:
         "The lines written since the last call, once at least `access` of them are access lines."
         deadline = time.monotonic() + timeout
         while True:
-            data = self.path.read_bytes()[self.offset:]
+            data = self.path.read_bytes()[self.offset :]
             complete = data[: data.rfind(b"\n") + 1]
             lines = [json.loads(line) for line in complete.splitlines() if line.startswith(b"{")]
             if len(access_lines(lines)) >= access or time.monotonic() > deadline:
@@ -147,11 +156,16 @@ def access_lines(lines: list[dict]) -> list[dict]:
 
 def problems(lines: list[dict]) -> list[dict]:
     "Lines no hostile request may cause: errors other than the emulated failure, uvicorn's crash reports."
-    return [line for line in lines if (line["log.level"] in ("error", "critical") and line.get("error", {}).get("type") != "EmulatedFailure")
-            or "Exception in ASGI application" in line.get("message", "")]
+    return [
+        line
+        for line in lines
+        if (line["log.level"] in ("error", "critical") and line.get("error", {}).get("type") != "EmulatedFailure")
+        or "Exception in ASGI application" in line.get("message", "")
+    ]
 
 
 # --- services ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
@@ -167,21 +181,48 @@ def warm(export_dir) -> int:
 def hostile(request, export_dir, tmp_path_factory):
     "The demo configuration at its most exposed: token, error emulation, Sentry to a local sink; on each HTTP stack."
     with SentrySink() as sink:
-        env = {"RECO_LAB_API_TOKEN": TOKEN, "RECO_LAB_EMULATE_ERRORS": "1", "SENTRY_DSN": sink.dsn, "SENTRY_ENVIRONMENT": "hostile"}
-        with live_service(export_dir, env=env, args=("--http", request.param),
-                          log=tmp_path_factory.mktemp("logs") / f"hostile-{request.param}.log") as service:
+        env = {
+            "RECO_LAB_API_TOKEN": TOKEN,
+            "RECO_LAB_EMULATE_ERRORS": "1",
+            "SENTRY_DSN": sink.dsn,
+            "SENTRY_ENVIRONMENT": "hostile",
+        }
+        with live_service(
+            export_dir,
+            env=env,
+            args=("--http", request.param),
+            log=tmp_path_factory.mktemp("logs") / f"hostile-{request.param}.log",
+        ) as service:
             service.sink, service.stack = sink, request.param
             yield service
 
 
 def sentry_types(sink: SentrySink) -> list[str]:
     time.sleep(0.5)  # the SDK sends from a background thread
-    return [item["exception"]["values"][-1]["type"] for envelope in sink.envelopes for item in envelope["items"] if item.get("exception")]
+    return [
+        item["exception"]["values"][-1]["type"]
+        for envelope in sink.envelopes
+        for item in envelope["items"]
+        if item.get("exception")
+    ]
 
 
 # --- 1. the access log: only the user id FastAPI validated ------------------------------------------------------
 
-FAMILY = ["--1", "²", "①", "₁", "١", "１", "1.5", "abc", "0x10", "1e3", "--0", "-" * 50 + "1"]  # 4300+ digits: see the request limits
+FAMILY = [
+    "--1",
+    "²",
+    "①",
+    "₁",
+    "١",
+    "１",
+    "1.5",
+    "abc",
+    "0x10",
+    "1e3",
+    "--0",
+    "-" * 50 + "1",
+]  # 4300+ digits: see the request limits
 
 
 @pytest.mark.parametrize("token", [TOKEN, None], ids=["token", "401"])
@@ -206,8 +247,16 @@ def test_segments_that_crashed_the_access_log_are_answered_logged_and_the_connec
 def test_ids_are_logged_as_validated_and_only_within_int64(hostile, warm):
     log = Log(hostile)
     log.skip()
-    cases = {"1_000": (200, 1000), "+7": (200, 7), "0": (200, 0), "-1": (404, -1), str(INT64 - 1): (404, INT64 - 1),
-             str(INT64): (404, None), "9" * 4000: (404, None), str(-INT64 - 1): (404, None)}
+    cases = {
+        "1_000": (200, 1000),
+        "+7": (200, 7),
+        "0": (200, 0),
+        "-1": (404, -1),
+        str(INT64 - 1): (404, INT64 - 1),
+        str(INT64): (404, None),
+        "9" * 4000: (404, None),
+        str(-INT64 - 1): (404, None),
+    }
     with Connection(hostile.url) as conn:
         for segment, (status, _) in cases.items():
             answer = conn.send(request(f"/reco/popular/{segment}", TOKEN)).response()
@@ -219,6 +268,7 @@ def test_ids_are_logged_as_validated_and_only_within_int64(hostile, warm):
 
 
 # --- 2. Sentry cannot be made to starve the worker --------------------------------------------------------------
+
 
 def test_an_unknown_model_flood_sends_at_most_the_budget_and_no_large_locals(export_dir, warm, tmp_path):
     with SentrySink() as sink:
@@ -234,11 +284,14 @@ def test_an_unknown_model_flood_sends_at_most_the_budget_and_no_large_locals(exp
     assert 3 <= len(events) <= 3 + refills, len(events)
     frames = events[0]["exception"]["values"][-1]["stacktrace"]["frames"]
     local = {f["function"]: f.get("vars", {}) for f in frames}
-    assert local["recommend"]["export"].startswith("Export(") and len(local["recommend"]["export"]) < 200, local["recommend"]
+    assert local["recommend"]["export"].startswith("Export(") and len(local["recommend"]["export"]) < 200, local[
+        "recommend"
+    ]
     assert events[0]["tags"] == {"model_name": "nosuch0", "user_id": str(warm)} and events[0]["level"] == "warning"
 
 
 # --- 3. a 500 keeps the connection ------------------------------------------------------------------------------
+
 
 def test_the_emulated_failure_answers_500_and_keeps_the_connection(hostile, warm):
     log = Log(hostile)
@@ -246,13 +299,19 @@ def test_the_emulated_failure_answers_500_and_keeps_the_connection(hostile, warm
     with Connection(hostile.url) as conn:
         conn.send(request("/reco/als/1332", TOKEN), request(f"/reco/als/{warm}", TOKEN), request("/health"))
         failed, after, health = conn.response(), conn.response(), conn.response()
-        assert failed.status == 500 and failed.json() == {"errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]}
+        assert failed.status == 500 and failed.json() == {
+            "errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]
+        }
         assert failed.headers.get("connection") != "close"
         assert (after.status, health.status) == (200, 200)
         assert conn.send(request("/health")).response().status == 200  # still the same connection
     lines = log.new(access=4)
     errors = [line for line in lines if line["log.level"] == "error"]
-    assert len(errors) == 1 and errors[0]["error"]["type"] == "EmulatedFailure" and "recommend" in errors[0]["error"]["stack_trace"]
+    assert (
+        len(errors) == 1
+        and errors[0]["error"]["type"] == "EmulatedFailure"
+        and "recommend" in errors[0]["error"]["stack_trace"]
+    )
     assert [line["http"]["response"]["status_code"] for line in access_lines(lines)] == [500, 200, 200, 200]
     assert errors[0]["trace"]["id"] == access_lines(lines)[0]["trace"]["id"]
     assert "EmulatedFailure" in sentry_types(hostile.sink)
@@ -260,12 +319,17 @@ def test_the_emulated_failure_answers_500_and_keeps_the_connection(hostile, warm
 
 # --- 4. slow clients and exhaustion -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", params=STACKS)
 def limited(request, export_dir, tmp_path_factory):
     "Small limits to reach them quickly: a head timeout of 2 s, 8 connections or requests in flight."
     env = {"RECO_LAB_HEADER_TIMEOUT": "2", "RECO_LAB_LIMIT_CONCURRENCY": "8"}
-    with live_service(export_dir, env=env, args=("--http", request.param),
-                      log=tmp_path_factory.mktemp("logs") / f"limited-{request.param}.log") as service:
+    with live_service(
+        export_dir,
+        env=env,
+        args=("--http", request.param),
+        log=tmp_path_factory.mktemp("logs") / f"limited-{request.param}.log",
+    ) as service:
         yield service
 
 
@@ -286,7 +350,11 @@ def test_beyond_the_concurrency_limit_the_answer_is_a_json_503_and_the_worker_re
         time.sleep(0.2)
         with Connection(limited.url) as extra:
             answer = extra.send(request("/health")).response()
-            assert answer.status == 503 and answer.headers["retry-after"] == "1" and answer.headers["connection"] == "close"
+            assert (
+                answer.status == 503
+                and answer.headers["retry-after"] == "1"
+                and answer.headers["connection"] == "close"
+            )
             assert answer.json()["errors"][0]["error_key"] == "service_unavailable"
             assert extra.closed_by_server()
     finally:
@@ -324,13 +392,16 @@ def test_connections_beyond_the_cap_are_closed_at_once(limited):
         assert conn.send(request("/health")).response().status == 200
 
 
-@pytest.mark.parametrize("headers,path,status", [
-    (("X-Fine: " + "a" * 8000,), "/health", 200),
-    (("X-Big: " + "a" * 9000,), "/health", 400),
-    ((), "/health?q=" + "a" * 5000, 400),
-    (tuple(f"X-H{i}: 1" for i in range(101)), "/health", 400),
-    ((), "/reco/knn/" + "9" * 4301, 400),  # an id of more than 4300 digits no longer reaches the app
-])
+@pytest.mark.parametrize(
+    "headers,path,status",
+    [
+        (("X-Fine: " + "a" * 8000,), "/health", 200),
+        (("X-Big: " + "a" * 9000,), "/health", 400),
+        ((), "/health?q=" + "a" * 5000, 400),
+        (tuple(f"X-H{i}: 1" for i in range(101)), "/health", 400),
+        ((), "/reco/knn/" + "9" * 4301, 400),  # an id of more than 4300 digits no longer reaches the app
+    ],
+)
 def test_the_request_limits_are_gunicorns(limited, headers, path, status):
     with Connection(limited.url) as conn:
         assert conn.send(request(path, headers=headers)).response().status == status
@@ -339,8 +410,9 @@ def test_the_request_limits_are_gunicorns(limited, headers, path, status):
 def test_running_out_of_file_descriptors_logs_little_and_the_worker_recovers(export_dir, tmp_path):
     for stack in STACKS:
         log = tmp_path / f"nofile-{stack}.log"
-        with live_service(export_dir, args=("--http", stack), log=log, open_files=128,
-                          env={"RECO_LAB_HEADER_TIMEOUT": "2"}) as service:
+        with live_service(
+            export_dir, args=("--http", stack), log=log, open_files=128, env={"RECO_LAB_HEADER_TIMEOUT": "2"}
+        ) as service:
             host, port = service.url.split("://")[1].rsplit(":", 1)
             flood = []
             for _ in range(400):
@@ -370,11 +442,14 @@ def test_running_out_of_file_descriptors_logs_little_and_the_worker_recovers(exp
 
 # --- 5. smaller points ------------------------------------------------------------------------------------------
 
+
 def test_head_health_is_answered_without_a_body_on_a_kept_connection(hostile):
     with Connection(hostile.url) as conn:
         conn.send(request("/health", method="HEAD"), request("/health"))
         head, get = conn.response(head=True), conn.response()
-        assert head.status == 200 and int(head.headers["content-length"]) == len(get.body) and get.json() == "I am alive"
+        assert (
+            head.status == 200 and int(head.headers["content-length"]) == len(get.body) and get.json() == "I am alive"
+        )
 
 
 def test_the_trailing_slash_redirect_is_gone(hostile):
@@ -386,16 +461,31 @@ def test_the_trailing_slash_redirect_is_gone(hostile):
 
 def test_the_docs_can_be_turned_off(export_dir, tmp_path, hostile):
     with Connection(hostile.url) as conn:
-        assert [conn.send(request(p)).response().status for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
-    with live_service(export_dir, env={"RECO_LAB_DOCS": "0"}, log=tmp_path / "nodocs.log") as service, Connection(service.url) as conn:
-        assert [conn.send(request(p)).response().status for p in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
+        assert [conn.send(request(p)).response().status for p in ("/docs", "/redoc", "/openapi.json")] == [
+            200,
+            200,
+            200,
+        ]
+    with (
+        live_service(export_dir, env={"RECO_LAB_DOCS": "0"}, log=tmp_path / "nodocs.log") as service,
+        Connection(service.url) as conn,
+    ):
+        assert [conn.send(request(p)).response().status for p in ("/docs", "/redoc", "/openapi.json")] == [
+            404,
+            404,
+            404,
+        ]
         assert conn.send(request("/health")).response().status == 200
 
 
 # --- property: arbitrary path segments over a kept connection ---------------------------------------------------
 
-segments = st.one_of(st.text(max_size=30), st.binary(max_size=30), st.sampled_from(FAMILY + ["1332", "+666", "0666", "666.0", "", ".", ".."]),
-                     st.integers(-(10**25), 10**25).map(str))
+segments = st.one_of(
+    st.text(max_size=30),
+    st.binary(max_size=30),
+    st.sampled_from(FAMILY + ["1332", "+666", "0666", "666.0", "", ".", ".."]),
+    st.integers(-(10**25), 10**25).map(str),
+)
 
 
 def test_arbitrary_path_segments_get_one_answer_each_and_the_connection_survives(hostile, warm):
@@ -405,9 +495,15 @@ def test_arbitrary_path_segments_get_one_answer_each_and_the_connection_survives
     seen = {"requests": 0, "statuses": set()}
 
     @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(segment=segments, where=st.sampled_from(["user", "model", "path"]), token=st.booleans(), pipelined=st.booleans())
+    @given(
+        segment=segments, where=st.sampled_from(["user", "model", "path"]), token=st.booleans(), pipelined=st.booleans()
+    )
     def check(segment, where, token, pipelined):
-        path = {"user": f"/reco/als/{encode(segment)}", "model": f"/reco/{encode(segment)}/{warm}", "path": f"/{encode(segment)}"}[where]
+        path = {
+            "user": f"/reco/als/{encode(segment)}",
+            "model": f"/reco/{encode(segment)}/{warm}",
+            "path": f"/{encode(segment)}",
+        }[where]
         hostile_request, normal = request(path, TOKEN if token else None), request(f"/reco/knn/{warm}", TOKEN)
         with Connection(hostile.url) as conn:
             if pipelined:
@@ -427,7 +523,9 @@ def test_arbitrary_path_segments_get_one_answer_each_and_the_connection_survives
         assert [line["http"]["response"]["status_code"] for line in access] == [first.status, 200], (path, access)
         assert not problems(lines), problems(lines)
         if first.status >= 500:
-            assert first.status == 500 and any(line.get("error", {}).get("type") == "EmulatedFailure" for line in lines), (path, lines)
+            assert first.status == 500 and any(
+                line.get("error", {}).get("type") == "EmulatedFailure" for line in lines
+            ), (path, lines)
         for line in access:
             user_id = line.get("reco", {}).get("user_id")
             assert user_id is None or (isinstance(user_id, int) and -INT64 <= user_id < INT64)

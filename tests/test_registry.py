@@ -1,6 +1,7 @@
 """The registry as the handover between the study and the service: a live `reco-lab serve` started from
 `RECO_LAB_MODEL_URI` (no models folder) answers what the registered MLflow model predicts; a missing alias, an
 unreachable MLflow server or a corrupt download stop the start-up with one line naming the URI and the cause."""
+
 import json
 from pathlib import Path
 
@@ -36,8 +37,12 @@ def registry(tmp_path_factory):
 
 
 def started(tmp, uri, model_uri, name):
-    env = {"MLFLOW_TRACKING_URI": uri, "RECO_LAB_MODEL_URI": model_uri, "RECO_LAB_MODEL_CACHE_DIR": str(tmp / "cache"),
-           "RECO_LAB_MODELS_DIR": str(tmp / "no-such-folder")}  # must not be read
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "RECO_LAB_MODEL_URI": model_uri,
+        "RECO_LAB_MODEL_CACHE_DIR": str(tmp / "cache"),
+        "RECO_LAB_MODELS_DIR": str(tmp / "no-such-folder"),
+    }  # must not be read
     return live_service(None, env=env, log=tmp / f"{name}.log")
 
 
@@ -48,7 +53,10 @@ def test_the_service_answers_what_the_registered_model_predicts(registry):
     with started(tmp, uri, "models:/reco_lab@champion", "champion") as service:
         answers = [get(f"{service.url}/reco/als/{u}")[2]["items"] for u in users]
         line = next(l for l in service.log_lines() if l["message"].startswith("serving "))
-    assert line["message"].endswith("from models:/reco_lab@champion") and line["reco"]["model_uri"] == "models:/reco_lab@champion"
+    assert (
+        line["message"].endswith("from models:/reco_lab@champion")
+        and line["reco"]["model_uri"] == "models:/reco_lab@champion"
+    )
     cached = next((tmp / "cache").glob("*/artifacts/export"))
     predicted = mlflow.pyfunc.load_model(str(cached.parent.parent)).predict(pd.DataFrame({"user_id": users}))
     assert answers == [list(map(int, items)) for items in predicted["items"]]
@@ -64,8 +72,11 @@ def test_a_runs_uri_works_too(registry):
 @pytest.mark.parametrize("case", ["missing alias", "server down", "corrupt download"])
 def test_start_up_stops_with_one_line_naming_the_uri(registry, case):
     tmp, uri, folder, run_id = registry
-    model_uri = {"missing alias": "models:/reco_lab@nosuch", "server down": "models:/reco_lab@champion",
-                 "corrupt download": f"runs:/{run_id}/model"}[case]
+    model_uri = {
+        "missing alias": "models:/reco_lab@nosuch",
+        "server down": "models:/reco_lab@champion",
+        "corrupt download": f"runs:/{run_id}/model",
+    }[case]
     if case == "server down":
         uri = f"http://127.0.0.1:{free_port()}"
     if case == "corrupt download":  # a run's stored model damaged after it was logged
@@ -80,7 +91,13 @@ def test_start_up_stops_with_one_line_naming_the_uri(registry, case):
     log = (tmp / f"{case.replace(' ', '-')}.log").read_text()
     errors = [json.loads(l) for l in log.splitlines() if l.startswith("{") and '"error"' in l]
     first = errors[0]["message"]
-    assert first.startswith(f"cannot start: cannot download {model_uri}") or first.startswith("cannot start: export file"), first
-    expected = {"missing alias": "alias nosuch not found", "server down": "is not reachable", "corrupt download": "sha256"}[case]
+    assert first.startswith(f"cannot start: cannot download {model_uri}") or first.startswith(
+        "cannot start: export file"
+    ), first
+    expected = {
+        "missing alias": "alias nosuch not found",
+        "server down": "is not reachable",
+        "corrupt download": "sha256",
+    }[case]
     assert expected in first.lower() or expected in first, first
     assert "Traceback" not in log

@@ -1,4 +1,5 @@
 "The recommendation service against a live `reco-lab serve` over HTTP: contract, auth, Sentry envelopes, ECS logs, start-up checks, fuzzing."
+
 import json
 import time
 import urllib.error
@@ -35,7 +36,12 @@ def sentry():
 @pytest.fixture(scope="module")
 def guarded(export_dir, sentry, tmp_path_factory):
     "Token on, error emulation on, Sentry to the local sink."
-    env = {"RECO_LAB_API_TOKEN": TOKEN, "RECO_LAB_EMULATE_ERRORS": "1", "SENTRY_DSN": sentry.dsn, "SENTRY_ENVIRONMENT": "ci-test"}
+    env = {
+        "RECO_LAB_API_TOKEN": TOKEN,
+        "RECO_LAB_EMULATE_ERRORS": "1",
+        "SENTRY_DSN": sentry.dsn,
+        "SENTRY_ENVIRONMENT": "ci-test",
+    }
     with live_service(export_dir, env=env, log=tmp_path_factory.mktemp("logs") / "guarded.log") as service:
         yield service
 
@@ -64,6 +70,7 @@ def error_key(body) -> str:
 
 # --- the contract, without a token -------------------------------------------------------------------------------
 
+
 def test_health_and_models(open_service):
     assert get(open_service.url + "/health")[::2] == (200, "I am alive")
     assert get(open_service.url + "/models")[::2] == (200, {"models": ["popular", "knn", "als"]})
@@ -72,7 +79,7 @@ def test_health_and_models(open_service):
 def test_reco_gives_k_distinct_unseen_items_for_every_model(open_service, export_dir, warm_user):
     export = load_export(export_dir)
     row = export.row(warm_user)
-    seen = set(export.seen_items[export.seen_indptr[row]:export.seen_indptr[row + 1]].tolist())
+    seen = set(export.seen_items[export.seen_indptr[row] : export.seen_indptr[row + 1]].tolist())
     for model in export.models:
         status, _, body = get(f"{open_service.url}/reco/{model}/{warm_user}")
         assert status == 200 and body["user_id"] == warm_user
@@ -87,7 +94,11 @@ def test_cold_user_gets_the_popular_fallback(open_service, export_dir):
 
 def test_errors_share_one_body(open_service, warm_user):
     status, _, body = get(f"{open_service.url}/reco/lightgbm/{warm_user}")
-    assert status == 404 and error_key(body) == "model_not_found" and body["errors"][0]["error_loc"] == ["path", "model_name"]
+    assert (
+        status == 404
+        and error_key(body) == "model_not_found"
+        and body["errors"][0]["error_loc"] == ["path", "model_name"]
+    )
     status, _, body = get(f"{open_service.url}/reco/knn/{10**9 + 1}")
     assert status == 404 and error_key(body) == "user_not_found"
     status, _, body = get(f"{open_service.url}/reco/knn/{10**9}")
@@ -109,20 +120,28 @@ def test_emulation_off_and_dead_dsn_do_not_fail_requests(open_service):
 
 # --- the token ----------------------------------------------------------------------------------------------------
 
+
 def test_token_guards_reco_and_models_but_not_health(guarded, warm_user):
     assert get(guarded.url + "/health")[0] == 200
     for path in ("/models", f"/reco/knn/{warm_user}"):
         for token in (None, "wrong", TOKEN + "x"):
             status, headers, body = get(guarded.url + path, token)
-            assert status == 401 and error_key(body) == "token_is_not_correct" and headers["www-authenticate"] == "Bearer"
+            assert (
+                status == 401 and error_key(body) == "token_is_not_correct" and headers["www-authenticate"] == "Bearer"
+            )
         assert get(guarded.url + path, TOKEN)[0] == 200
 
 
 # --- Sentry and the ECS log ---------------------------------------------------------------------------------------
 
+
 def access_line(service, path: str) -> dict:
     for _ in range(50):
-        lines = [l for l in service.log_lines() if l.get("event", {}).get("dataset") == "reco_lab.access" and l["url"]["path"] == path]
+        lines = [
+            l
+            for l in service.log_lines()
+            if l.get("event", {}).get("dataset") == "reco_lab.access" and l["url"]["path"] == path
+        ]
         if lines:
             return lines[-1]
         time.sleep(0.1)
@@ -138,13 +157,18 @@ def test_unknown_model_is_a_warning_event_with_tags(guarded, sentry, warm_user):
     assert event["tags"]["model_name"] == "lightgbm" and str(event["tags"]["user_id"]) == str(warm_user)
     line = access_line(guarded, path)
     assert line["trace"]["id"] == event["contexts"]["trace"]["trace_id"]
-    assert line["http"]["response"]["status_code"] == 404 and line["reco"] == {"model_name": "lightgbm", "user_id": warm_user}
+    assert line["http"]["response"]["status_code"] == 404 and line["reco"] == {
+        "model_name": "lightgbm",
+        "user_id": warm_user,
+    }
 
 
 def test_emulated_failure_is_a_500_and_an_error_event_with_its_stack(guarded, sentry):
     path = "/reco/als/1332"
     status, _, body = get(guarded.url + path, TOKEN)
-    assert status == 500 and body == {"errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]}
+    assert status == 500 and body == {
+        "errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]
+    }
     event = next(e for e in sentry.events(count=2) if e["exception"]["values"][-1]["type"] == "EmulatedFailure")
     assert event["level"] == "error" and event["environment"] == "ci-test"
     assert event["tags"]["model_name"] == "als" and str(event["tags"]["user_id"]) == "1332"
@@ -172,12 +196,20 @@ def test_one_ecs_line_per_request(open_service):
     assert [l["message"] for l in new] == ["GET /reco/popular/3 200", "GET /health 200"], new
     line = new[0]
     assert line["log.level"] == "info" and line["ecs.version"] and line["@timestamp"]
-    assert line["http"] == {"request": {"method": "GET"}, "response": {"status_code": 200}} and line["url"]["path"] == "/reco/popular/3"
-    assert line["event"]["duration"] > 0 and line["reco"] == {"model_name": "popular", "user_id": 3} and len(line["trace"]["id"]) == 32
+    assert (
+        line["http"] == {"request": {"method": "GET"}, "response": {"status_code": 200}}
+        and line["url"]["path"] == "/reco/popular/3"
+    )
+    assert (
+        line["event"]["duration"] > 0
+        and line["reco"] == {"model_name": "popular", "user_id": 3}
+        and len(line["trace"]["id"]) == 32
+    )
     assert not any(l["log"]["logger"] == "uvicorn.access" for l in open_service.log_lines())
 
 
 # --- start-up -----------------------------------------------------------------------------------------------------
+
 
 def test_corrupted_export_stops_start_up_with_one_message_naming_the_file(export_dir, tmp_path):
     import shutil
@@ -204,17 +236,20 @@ def test_import_loads_nothing():
     import subprocess
     import sys
 
-    code = ("import sentry_sdk, reco_lab.service.app as m\n"
-            "assert 'app' not in vars(m) and not sentry_sdk.is_initialized()\n"
-            "app = m.app\n"
-            "assert sentry_sdk.is_initialized() and not hasattr(app.state, 'export')\n"
-            "print('ok')")
+    code = (
+        "import sentry_sdk, reco_lab.service.app as m\n"
+        "assert 'app' not in vars(m) and not sentry_sdk.is_initialized()\n"
+        "app = m.app\n"
+        "assert sentry_sdk.is_initialized() and not hasattr(app.state, 'export')\n"
+        "print('ok')"
+    )
     env = {**os.environ, "RECO_LAB_MODELS_DIR": "/nonexistent", "SENTRY_DSN": f"http://key@127.0.0.1:{free_port()}/1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 # --- fuzzing over the OpenAPI schema ------------------------------------------------------------------------------
+
 
 def test_fuzz_openapi_no_5xx(open_service):
     import schemathesis
@@ -224,6 +259,7 @@ def test_fuzz_openapi_no_5xx(open_service):
     schema = schemathesis.openapi.from_url(open_service.url + "/openapi.json")
     statuses = []
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
         @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(case=schema.as_strategy(mode))
         def check(case):

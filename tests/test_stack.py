@@ -5,6 +5,7 @@ One stack serves the module (its first start migrates a new database, ~15 s); ea
 running. The fixture stops everything and checks that no process is left behind. The S3 process is killed with
 SIGKILL while runs log artifacts, and every artifact logged before the kill must come back.
 """
+
 import os
 import pickle
 import shutil
@@ -23,8 +24,10 @@ from reco_lab.tracking import TrackingUnavailable, check_tracking, tracked_run
 
 from conftest import missing_stack_parts, run, tool
 
-pytestmark = [pytest.mark.skipif(os.environ.get("RECO_LAB_SKIP_STACK") == "1", reason="RECO_LAB_SKIP_STACK=1"),
-              pytest.mark.skipif(bool(missing_stack_parts()), reason=f"tracking stack: {missing_stack_parts()}")]
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("RECO_LAB_SKIP_STACK") == "1", reason="RECO_LAB_SKIP_STACK=1"),
+    pytest.mark.skipif(bool(missing_stack_parts()), reason=f"tracking stack: {missing_stack_parts()}"),
+]
 
 
 def leftovers(stack: st.Stack) -> list[str]:
@@ -97,8 +100,14 @@ def test_up_again_changes_nothing_and_the_cli_reports_it(stack):
 
 def test_a_run_lands_in_postgres_and_its_artifact_in_the_bucket(stack, uri):
     model = {"factors": list(range(5000))}
-    with tracked_run("als", {"factors": 8, "epochs": 4}, dataset="stack-test", protocol="last_n",
-                     key_params=("factors",), notebook="tests/test_stack.py") as r:
+    with tracked_run(
+        "als",
+        {"factors": 8, "epochs": 4},
+        dataset="stack-test",
+        protocol="last_n",
+        key_params=("factors",),
+        notebook="tests/test_stack.py",
+    ) as r:
         for fold in range(3):
             before = r.fit_time_s
             with r.timer():
@@ -108,15 +117,22 @@ def test_a_run_lands_in_postgres_and_its_artifact_in_the_bucket(stack, uri):
         r.log_model(model)
         r.log_summary()
 
-    (name, status, experiment), = query(stack, "SELECT r.name, r.status, e.name FROM runs r JOIN experiments e "
-                                               "USING (experiment_id) WHERE r.run_uuid = %s", r.run_id)
+    ((name, status, experiment),) = query(
+        stack,
+        "SELECT r.name, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id) WHERE r.run_uuid = %s",
+        r.run_id,
+    )
     assert name.startswith("als_") and status == "FINISHED" and experiment == "candidates"
     params = dict(query(stack, "SELECT key, value FROM params WHERE run_uuid = %s", r.run_id))
     assert params == {"model": "als", "factors": "8", "epochs": "4"}
-    by_fold = query(stack, "SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'map_at_10_by_fold' ORDER BY step", r.run_id)
+    by_fold = query(
+        stack,
+        "SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'map_at_10_by_fold' ORDER BY step",
+        r.run_id,
+    )
     assert [(s, round(v, 3)) for s, v in by_fold] == [(0, 0.01), (1, 0.02), (2, 0.03)]
     loss = query(stack, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss_fold_2' ORDER BY step", r.run_id)
-    assert [s for s, in loss] == [0, 1, 2, 3]
+    assert [s for (s,) in loss] == [0, 1, 2, 3]
     latest = dict(query(stack, "SELECT key, value FROM latest_metrics WHERE run_uuid = %s", r.run_id))
     assert {"map_at_10", "map_at_10_std", "fit_time_s", "model_size_mb"} <= set(latest)
 
@@ -129,8 +145,11 @@ def test_a_run_lands_in_postgres_and_its_artifact_in_the_bucket(stack, uri):
     client.create_registered_model("stack_test")
     version = client.create_model_version("stack_test", f"runs:/{r.run_id}/estimator", run_id=r.run_id)
     client.set_registered_model_alias("stack_test", "champion", version.version)
-    rows = query(stack, "SELECT v.run_id, a.alias FROM model_versions v JOIN registered_model_aliases a "
-                        "ON a.name = v.name AND a.version = v.version WHERE v.name = 'stack_test'")
+    rows = query(
+        stack,
+        "SELECT v.run_id, a.alias FROM model_versions v JOIN registered_model_aliases a "
+        "ON a.name = v.name AND a.version = v.version WHERE v.name = 'stack_test'",
+    )
     assert rows == [(r.run_id, "champion")]
 
 
@@ -147,8 +166,19 @@ def test_a_stopped_server_stops_a_run_before_any_training(stack, uri, tmp_path):
         assert trained == []
         status = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "status"])
         assert status.returncode == 3 and "mlflow    stopped" in status.stdout, status.stdout
-        study = run([tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "runs"),
-                     "--reports-dir", str(tmp_path / "reports")], env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+        study = run(
+            [
+                tool("reco-lab"),
+                "run",
+                "--quick",
+                "--output-dir",
+                str(tmp_path / "runs"),
+                "--reports-dir",
+                str(tmp_path / "reports"),
+            ],
+            env={"MLFLOW_TRACKING_URI": uri},
+            timeout=120,
+        )
         assert study.returncode != 0 and "Traceback" not in study.stderr, study.stderr
         assert study.stderr.strip().splitlines() == [f"reco-lab run: {check_error(uri)}"]
         assert not (tmp_path / "runs").exists()  # nothing was executed
@@ -190,9 +220,11 @@ def test_postgres_restarted_mid_run_the_run_finishes_with_every_metric(stack, ur
         worker.join()
     assert restarted.is_set() and stack.procs["postgres"][0] != old_pid
     stack.save()
-    (status,), = query(stack, "SELECT status FROM runs WHERE run_uuid = %s", r.run_id)
-    logged = query(stack, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss_fold_0' ORDER BY step", r.run_id)
-    assert status == "FINISHED" and [s for s, in logged] == list(range(steps))
+    ((status,),) = query(stack, "SELECT status FROM runs WHERE run_uuid = %s", r.run_id)
+    logged = query(
+        stack, "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss_fold_0' ORDER BY step", r.run_id
+    )
+    assert status == "FINISHED" and [s for (s,) in logged] == list(range(steps))
 
 
 def test_down_leaves_no_process_and_up_brings_back_runs_and_artifacts(stack, uri):
@@ -223,6 +255,7 @@ def test_s3_killed_mid_logging_keeps_every_logged_artifact_and_logging_goes_on(s
     comes back (same folder, same port, so MLflow keeps running). Every artifact whose run finished before the kill
     is in the bucket byte for byte, the run in flight finishes (the client retries the server's 5xx), and runs
     after the restart log as before. The loop is bounded (200 runs, 180 s)."""
+
     def blob(i: int) -> dict:
         return {"run": i, "weights": list(range(i, i + 3000))}
 
@@ -272,7 +305,7 @@ def test_s3_killed_mid_logging_keeps_every_logged_artifact_and_logging_goes_on(s
     assert {k: stack.procs[k] for k in kept} == kept and stack.procs["s3"][0] != weed.pid
     assert [i for _, i, _ in logged] == list(range(len(logged)))  # no run lost, none failed
     client, keys = MlflowClient(uri), set(st.bucket_keys(stack))
-    for i, run_id in before + [(i, run_id) for _, i, run_id in logged[len(before):]]:
+    for i, run_id in before + [(i, run_id) for _, i, run_id in logged[len(before) :]]:
         assert any(k.endswith(f"{run_id}/artifacts/estimator/model.pkl") for k in keys), i
         local = client.download_artifacts(run_id, "estimator/model.pkl", tempfile.mkdtemp())
         assert pickle.loads(Path(local).read_bytes()) == blob(i)
@@ -296,8 +329,20 @@ def test_an_external_s3_endpoint_replaces_seaweedfs(stack, uri, external_s3, mon
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio-user")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "minio-password")
     local = stack.procs["s3"]
-    done = run([tool("reco-lab"), "tracking", "--dir", str(stack.dir), "up", "--s3-endpoint", external_s3,
-                "--bucket", "artifacts"], timeout=300)
+    done = run(
+        [
+            tool("reco-lab"),
+            "tracking",
+            "--dir",
+            str(stack.dir),
+            "up",
+            "--s3-endpoint",
+            external_s3,
+            "--bucket",
+            "artifacts",
+        ],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     refresh(stack)
     assert "s3" not in stack.procs and stack.external_s3 and "external" in done.stdout
@@ -307,4 +352,6 @@ def test_an_external_s3_endpoint_replaces_seaweedfs(stack, uri, external_s3, mon
     keys = [k for k in st.bucket_keys(stack) if r.run_id in k]
     assert stack.bucket == "artifacts" and len(keys) == 1 and keys[0].endswith("estimator/model.pkl")
     st.stack_down(stack.dir)
-    assert leftovers(stack) == [] and any(r.run_id in k for k in st.bucket_keys(stack))  # the external store keeps its data
+    assert leftovers(stack) == [] and any(
+        r.run_id in k for k in st.bucket_keys(stack)
+    )  # the external store keeps its data

@@ -3,6 +3,7 @@ server` started by `reco_lab.stack`; results read back from MLflow, PostgreSQL, 
 reports. Before the quick study, a full (non-quick) run of the popular model is made champion, so the tests
 can check that a quick study chooses among its own runs only and never moves the `champion` alias.
 (The embedded SQLite default is what nbdev_test and the CLI tests below use.)"""
+
 import json
 import os
 import re
@@ -19,11 +20,12 @@ import pytest
 from mlflow import MlflowClient
 
 from reco_lab import stack as st
+from reco_lab.core import MODELS as ALL_MODELS
 from reco_lab.core import free_port
 
 from conftest import BIN, ROOT, query, run, tool
 
-MODELS = {"popular", "knn", "als", "lightfm", "ease", "ranker"}
+MODELS = set(ALL_MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +58,19 @@ def tracking_stack(request):
 def study(tmp_path_factory, tracking_stack):
     tmp = tmp_path_factory.mktemp("study")
     env = {"MLFLOW_TRACKING_URI": tracking_stack.tracking_uri, "RECO_LAB_MODELS_DIR": str(tmp / "models")}
-    seed = run([tool("reco-lab"), "run", "--only", "popular,champion", "--output-dir", str(tmp / "seed")],
-               env={**env, "RECO_LAB_MODELS_DIR": str(tmp / "seed-models")}, cwd=ROOT, timeout=900)
+    seed = run(
+        [tool("reco-lab"), "run", "--only", "popular,champion", "--output-dir", str(tmp / "seed")],
+        env={**env, "RECO_LAB_MODELS_DIR": str(tmp / "seed-models")},
+        cwd=ROOT,
+        timeout=900,
+    )
     assert seed.returncode == 0, seed.stdout[-3000:] + seed.stderr[-3000:]
-    result = run([tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp / "out"), "--reports-dir", str(tmp / "reports")],
-                 env=env, cwd=ROOT, timeout=900)
+    result = run(
+        [tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp / "out"), "--reports-dir", str(tmp / "reports")],
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp, env, result
 
@@ -80,11 +90,17 @@ def finished_runs(client, quick: bool | None = True):
 
 def test_rows_land_in_postgres_and_artifacts_in_the_bucket(study, tracking_stack):
     _, env, _ = study
-    runs = query(tracking_stack, "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id)")
+    runs = query(
+        tracking_stack, "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id)"
+    )
     assert {name for _, _, name in runs} >= {"candidates", "ranker"}
     finished = [rid for rid, status, _ in runs if status == "FINISHED"]
     params = query(tracking_stack, "SELECT count(*) FROM params WHERE run_uuid = ANY(%s)", finished)[0][0]
-    steps = query(tracking_stack, "SELECT count(DISTINCT step) FROM metrics WHERE run_uuid = ANY(%s) AND key LIKE 'loss_fold_%%'", finished)[0][0]
+    steps = query(
+        tracking_stack,
+        "SELECT count(DISTINCT step) FROM metrics WHERE run_uuid = ANY(%s) AND key LIKE 'loss_fold_%%'",
+        finished,
+    )[0][0]
     assert params > 0 and steps > 1
     champion = client_of(env).get_model_version_by_alias("reco_lab", "champion")
     assert champion.run_id in finished
@@ -108,9 +124,13 @@ def test_a_quick_study_never_moves_the_champion(study):
 
 def test_progress_and_every_notebook_rendered(study):
     tmp, _, result = study
-    assert "[1/7]" in result.stdout and "[7/7] 20_select_champion_champion done" in result.stdout
+    assert "[1/7]" in result.stdout and "[7/7] 23_select_champion_champion done" in result.stdout
     summary = dict(line.split(None, 1) for line in result.stdout.splitlines()[:4] if line.strip())
-    assert (summary["interactions"].strip(), summary["users"].strip(), summary["items"].strip()) == ("100000", "943", "1682")
+    assert (summary["interactions"].strip(), summary["users"].strip(), summary["items"].strip()) == (
+        "100000",
+        "943",
+        "1682",
+    )
     assert "leak share" in result.stdout and "per user" in result.stdout
     executed = sorted(p.name for p in (tmp / "out").glob("*.ipynb"))
     assert len(executed) == 7 and all((tmp / "out" / n).with_suffix(".html").exists() for n in executed)
@@ -124,20 +144,38 @@ def test_runs_have_validation_and_test_metrics_by_fold(study):
     split = {r.data.tags["split"] for r in runs.values()}
     assert len(split) == 1 and {r.data.tags["study_id"] for r in runs.values()} != {""}
     for name, r in runs.items():
-        assert r.data.params["model"] == name and r.data.tags["dataset"] == "ml-100k" and r.data.tags["protocol"] == "last_n"
+        assert (
+            r.data.params["model"] == name
+            and r.data.tags["dataset"] == "ml-100k"
+            and r.data.tags["protocol"] == "last_n"
+        )
         assert r.data.tags["mlflow.source.name"].endswith(".ipynb") and r.data.tags["mlflow.source.git.commit"]
         assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.type"] == "NOTEBOOK"
         (data_input,) = r.inputs.dataset_inputs
         assert data_input.dataset.name == "ml-100k" and len(data_input.dataset.digest) == 16
         notebooks = [a.path for a in client.list_artifacts(r.info.run_id, "notebook")]
-        own = Path(r.data.tags["mlflow.source.name"]).stem  # e.g. 14_catboost_pointwise, as 06_14_catboost_pointwise_ranker.html
-        assert any(own in path for path in notebooks) and any("20_select_champion" in path for path in notebooks), notebooks
+        own = Path(
+            r.data.tags["mlflow.source.name"]
+        ).stem  # e.g. 14_catboost_pointwise, as 06_14_catboost_pointwise_ranker.html
+        assert any(own in path for path in notebooks) and any("23_select_champion" in path for path in notebooks), (
+            notebooks
+        )
         for metric in ("map_at_10", "val_map_at_10"):
             history = client.get_metric_history(r.info.run_id, f"{metric}_by_fold")
             assert [m.step for m in history] == [0, 1], (name, metric)
             assert np.isclose(np.mean([m.value for m in history]), r.data.metrics[metric])
-        for metric in ("ndcg_at_10", "precision_at_10", "recall_at_10", "novelty_at_10", "serendipity_at_10", "fit_time_s",
-                       "model_size_mb", "val_recall_at_10", "map_at_10_diff_vs_champion", "map_at_10_diff_ci_low"):
+        for metric in (
+            "ndcg_at_10",
+            "precision_at_10",
+            "recall_at_10",
+            "novelty_at_10",
+            "serendipity_at_10",
+            "fit_time_s",
+            "model_size_mb",
+            "val_recall_at_10",
+            "map_at_10_diff_vs_champion",
+            "map_at_10_diff_ci_low",
+        ):
             assert metric in r.data.metrics, (name, metric)
         assert [a.path for a in client.list_artifacts(r.info.run_id, "estimator")] == ["estimator/model.pkl"]
         assert "model/MLmodel" in {a.path for a in client.list_artifacts(r.info.run_id, "model")}, name
@@ -202,8 +240,24 @@ def test_leaderboard_lists_every_model_with_its_interval(study):
 
 def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = run([tool("reco-lab"), "run", "--quick", "--only", "popular,knn", "--grid", "knn_weighting=nonsense",
-                  "--output-dir", str(tmp_path / "out"), "--reports-dir", str(tmp_path / "reports")], env=env, cwd=ROOT, timeout=600)
+    result = run(
+        [
+            tool("reco-lab"),
+            "run",
+            "--quick",
+            "--only",
+            "popular,knn",
+            "--grid",
+            "knn_weighting=nonsense",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--reports-dir",
+            str(tmp_path / "reports"),
+        ],
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 1
     assert "10_baselines (knn) failed in cell" in result.stderr and "unknown knn_weighting 'nonsense'" in result.stderr
     assert str(tmp_path / "out") in result.stderr
@@ -211,13 +265,16 @@ def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
     assert [r.data.tags["model"] for r in runs] == ["popular"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--grid", "factors=abc", "--only", "als"], "takes int values for factors"),
-    (["--only", ","], "names no job"),
-    (["--output-dir", "/proc/no-such-dir/out"], "--output-dir /proc/no-such-dir/out cannot be written"),
-    (["--reports-dir", "/proc/no-such-dir/reports"], "--reports-dir /proc/no-such-dir/reports cannot be written"),
-    (["--protocol", "random"], "unknown protocol 'random'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--grid", "factors=abc", "--only", "als"], "takes int values for factors"),
+        (["--only", ","], "names no job"),
+        (["--output-dir", "/proc/no-such-dir/out"], "--output-dir /proc/no-such-dir/out cannot be written"),
+        (["--reports-dir", "/proc/no-such-dir/reports"], "--reports-dir /proc/no-such-dir/reports cannot be written"),
+        (["--protocol", "random"], "unknown protocol 'random'"),
+    ],
+)
 def test_bad_cli_input_stops_before_anything_runs(tmp_path, args, message):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = run([tool("reco-lab"), "run", "--quick", *args], env=env, cwd=ROOT, timeout=300)
@@ -227,7 +284,9 @@ def test_bad_cli_input_stops_before_anything_runs(tmp_path, args, message):
 
 def test_unreachable_tracking_server_fails_before_any_notebook(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    result = run([tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "out")], env=env, cwd=ROOT, timeout=120)
+    result = run(
+        [tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "out")], env=env, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 2 and "is not reachable" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -239,9 +298,26 @@ def test_bad_dataset_is_refused_up_front(tmp_path):
 
 def test_a_small_dataset_goes_end_to_end(tmp_path):
     "The smallest synthetic dataset the CLI accepts through the folds, kNN and the champion's export."
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RECO_LAB_MODELS_DIR": str(tmp_path / "models")}
-    result = run([tool("reco-lab"), "run", "--quick", "--dataset", "synthetic:100", "--only", "popular,knn,champion",
-                  "--output-dir", str(tmp_path / "out")], env=env, cwd=ROOT, timeout=600)
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "RECO_LAB_MODELS_DIR": str(tmp_path / "models"),
+    }
+    result = run(
+        [
+            tool("reco-lab"),
+            "run",
+            "--quick",
+            "--dataset",
+            "synthetic:100",
+            "--only",
+            "popular,knn,champion",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     from reco_lab.export import load_export
 
@@ -252,7 +328,9 @@ def test_a_small_dataset_goes_end_to_end(tmp_path):
 
 def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = run([tool("reco-lab"), "tune", "--model", "als", "--trials", "3", "--quick"], env=env, cwd=ROOT, timeout=600)
+    result = run(
+        [tool("reco-lab"), "tune", "--model", "als", "--trials", "3", "--quick"], env=env, cwd=ROOT, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("tuning")
@@ -260,7 +338,9 @@ def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and "best_val_map_at_10" in parents[0].data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) == 3 and all(r.info.status == "FINISHED" and "val_map_at_10" in r.data.metrics for r in children)
+    assert len(children) == 3 and all(
+        r.info.status == "FINISHED" and "val_map_at_10" in r.data.metrics for r in children
+    )
     assert parents[0].data.metrics["best_val_map_at_10"] == max(r.data.metrics["val_map_at_10"] for r in children)
     assert not any("map_at_10" in r.data.metrics for r in children), "tuning never scores a test"
     bad = run([tool("reco-lab"), "tune", "--model", "popular", "--trials", "3"], env=env, cwd=ROOT, timeout=120)
@@ -270,12 +350,14 @@ def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
 def test_the_registered_champion_is_an_mlflow_model(study):
     "`mlflow.pyfunc.load_model('models:/reco_lab@champion')` predicts the service's 10 distinct items, with a signature."
     tmp, env, _ = study
-    code = ("import json, mlflow, pandas as pd\n"
-            "model = mlflow.pyfunc.load_model('models:/reco_lab@champion')\n"
-            "out = model.predict(pd.DataFrame({'user_id': [1, 2, 100000000]}))\n"
-            "sig = model.metadata.signature\n"
-            "print(json.dumps({'inputs': sig.inputs.input_names(), 'outputs': sig.outputs.input_names(),\n"
-            "                  'items': [list(map(int, i)) for i in out['items']]}))")
+    code = (
+        "import json, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model('models:/reco_lab@champion')\n"
+        "out = model.predict(pd.DataFrame({'user_id': [1, 2, 100000000]}))\n"
+        "sig = model.metadata.signature\n"
+        "print(json.dumps({'inputs': sig.inputs.input_names(), 'outputs': sig.outputs.input_names(),\n"
+        "                  'items': [list(map(int, i)) for i in out['items']]}))"
+    )
     done = run([sys.executable, "-c", code], env=env, cwd=tmp, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
@@ -293,9 +375,25 @@ def test_mlflow_models_serve_answers_invocations(study):
     port = free_port()
     log = tmp / "models-serve.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([tool("mlflow"), "models", "serve", "-m", "models:/reco_lab@champion", "--env-manager", "local",
-                                   "-h", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={**os.environ, **env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})  # its uvicorn
+        server = subprocess.Popen(
+            [
+                tool("mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/reco_lab@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
+        )  # its uvicorn
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -307,7 +405,9 @@ def test_mlflow_models_serve_answers_invocations(study):
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
         body = json.dumps({"dataframe_split": {"columns": ["user_id"], "data": [[1], [2]]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=30) as reply:
             predictions = json.load(reply)["predictions"]
         assert [p["user_id"] for p in predictions] == [1, 2]
@@ -325,8 +425,12 @@ def test_the_service_starts_from_the_registry_on_the_tracking_stack(study):
 
     seeded = load_export(tmp / "seed-models")
     champion = seeded.manifest["champion"]["model"]
-    service_env = {**env, "RECO_LAB_MODEL_URI": "models:/reco_lab@champion", "RECO_LAB_MODEL_CACHE_DIR": str(tmp / "cache"),
-                   "RECO_LAB_MODELS_DIR": str(tmp / "no-such-folder")}
+    service_env = {
+        **env,
+        "RECO_LAB_MODEL_URI": "models:/reco_lab@champion",
+        "RECO_LAB_MODEL_CACHE_DIR": str(tmp / "cache"),
+        "RECO_LAB_MODELS_DIR": str(tmp / "no-such-folder"),
+    }
     with live_service(None, env=service_env, log=tmp / "registry-service.log") as service:
         for user in (1, 2, 100000000):
             with urllib.request.urlopen(f"{service.url}/reco/{champion}/{user}", timeout=10) as reply:

@@ -1,4 +1,5 @@
 "The sync check regenerates the library from the notebooks and fails when the committed export differs."
+
 import json
 import shutil
 
@@ -23,8 +24,11 @@ def test_sync_check_fails_on_an_edited_export_cell(tmp_path):
     proj = copy_project(tmp_path)
     nb_path = proj / "nbs" / "01_data.ipynb"
     nb = json.loads(nb_path.read_text())
-    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "def sha256" in "".join(c["source"]))
-    cell["source"] = [line.replace('"Hex sha256 of a file."', '"Hex sha256 of a file (edited in the notebook only)."') for line in cell["source"]]
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "def data_dir" in "".join(c["source"]))
+    cell["source"] = [
+        line.replace("the user's cache dir.\"", "the user's cache dir (edited in the notebook only).\"")
+        for line in cell["source"]
+    ]
     nb_path.write_text(json.dumps(nb, indent=1))
     result = run([str(proj / "scripts" / "check-sync"), str(proj)])
     assert result.returncode == 1

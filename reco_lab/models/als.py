@@ -9,7 +9,8 @@ __all__ = ['DEFAULTS', 'make_model', 'prepare', 'search_space', 'fit_epochs', 'f
 import reco_lab.core  # noqa: F401
 
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from implicit.cpu.als import AlternatingLeastSquares
 from rectools.dataset import Dataset
@@ -22,31 +23,47 @@ from ..tracking import Run
 # %% ../../nbs/11_als_epochs.ipynb #fd613709
 DEFAULTS = {"als": {"factors": 64, "regularization": 0.05, "alpha": 5.0, "epochs": 15, "eval_every": 3, "seed": 42}}
 
+
 def make_model(params: dict[str, Any]) -> ImplicitALSWrapperModel:
     "implicit ALS (CPU, single-threaded BLAS, 2 solver threads) in rectools' wrapper, reporting its loss."
     d = DEFAULTS["als"]
     inner = AlternatingLeastSquares(
-        factors=param(params, "factors", d["factors"]), regularization=param(params, "regularization", d["regularization"]),
-        alpha=param(params, "alpha", d["alpha"]), iterations=param(params, "epochs", d["epochs"]),
-        calculate_training_loss=True, random_state=param(params, "seed", d["seed"]), num_threads=2,
+        factors=param(params, "factors", d["factors"]),
+        regularization=param(params, "regularization", d["regularization"]),
+        alpha=param(params, "alpha", d["alpha"]),
+        iterations=param(params, "epochs", d["epochs"]),
+        calculate_training_loss=True,
+        random_state=param(params, "seed", d["seed"]),
+        num_threads=2,
     )
     return ImplicitALSWrapperModel(inner)
+
 
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "ALS learns from interactions only."
     return interactions_only(dataset)
 
+
 def search_space(trial, model: str = "als") -> dict[str, Any]:
     "What `reco-lab tune` may try: factors, regularization, confidence weight alpha, epochs."
-    return {"factors": trial.suggest_categorical("factors", [8, 16, 32, 64, 128, 256]),
-            "regularization": trial.suggest_float("regularization", 1e-3, 10.0, log=True),
-            "alpha": trial.suggest_float("alpha", 0.1, 50.0, log=True),
-            "epochs": trial.suggest_int("epochs", 2, 40)}
+    return {
+        "factors": trial.suggest_categorical("factors", [8, 16, 32, 64, 128, 256]),
+        "regularization": trial.suggest_float("regularization", 1e-3, 10.0, log=True),
+        "alpha": trial.suggest_float("alpha", 0.1, 50.0, log=True),
+        "epochs": trial.suggest_int("epochs", 2, 40),
+    }
 
 # %% ../../nbs/11_als_epochs.ipynb #a3b8b839
-def fit_epochs(model: ImplicitALSWrapperModel, dataset: Dataset, epochs: int, *, eval_every: int = 0,
-               on_epoch: Callable[[int, float], None] | None = None, on_eval: Callable[[int], None] | None = None,
-               timer: Callable[[], Any] = nullcontext) -> ImplicitALSWrapperModel:
+def fit_epochs(
+    model: ImplicitALSWrapperModel,
+    dataset: Dataset,
+    epochs: int,
+    *,
+    eval_every: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int], None] | None = None,
+    timer: Callable[[], Any] = nullcontext,
+) -> ImplicitALSWrapperModel:
     "Train `epochs` epochs in chunks of `eval_every`, reporting each epoch's loss and evaluating between chunks."
     done = [0]  # epochs finished before the current chunk; implicit numbers iterations from 0 in every fit call
 
@@ -66,13 +83,18 @@ def fit_epochs(model: ImplicitALSWrapperModel, dataset: Dataset, epochs: int, *,
     model.model.fit_callback = model._model.fit_callback = None  # a closure has no place in the pickled artifact
     return model
 
+
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[ImplicitALSWrapperModel, Dataset]:
     "Fit on `fold.train` (timed); on a validation split, log `loss_fold_<k>` and `val_map_at_10_fold_<k>` curves."
     train, model = prepare(fold.train, params), make_model(params)
     epochs, eval_every = param(params, "epochs", DEFAULTS["als"]["epochs"]), param(params, "eval_every", 0)
     curves = {}
     if fold.role == "validation":
-        curves = {"eval_every": eval_every,
-                  "on_epoch": lambda epoch, loss: run.curves.log(f"loss_fold_{fold.index}", loss, epoch),
-                  "on_eval": lambda epoch: run.curves.log(f"val_map_at_10_fold_{fold.index}", score(model, train, fold), epoch)}
+        curves = {
+            "eval_every": eval_every,
+            "on_epoch": lambda epoch, loss: run.curves.log(f"loss_fold_{fold.index}", loss, epoch),
+            "on_eval": lambda epoch: run.curves.log(
+                f"val_map_at_10_fold_{fold.index}", score(model, train, fold), epoch
+            ),
+        }
     return fit_epochs(model, train, epochs, timer=run.timer, **curves), train

@@ -24,6 +24,7 @@ DEFAULTS = {
     "knn": {"knn_weighting": "bm25", "knn_neighbours": 50, "bm25_k1": 1.2, "bm25_b": 0.75},
 }
 
+
 def make_model(params: dict[str, Any]) -> ModelBase:
     "PopularModel for `model=popular`, implicit's item kNN (cosine, TF-IDF or BM25) for `model=knn`."
     name = param(params, "model", "popular")
@@ -32,21 +33,27 @@ def make_model(params: dict[str, Any]) -> ModelBase:
     if name != "knn":
         raise ValueError(f"{__name__} builds popular and knn, not {name!r}")
     knn = DEFAULTS["knn"]
-    weighting, k = param(params, "knn_weighting", knn["knn_weighting"]), param(params, "knn_neighbours", knn["knn_neighbours"])
+    weighting, k = (
+        param(params, "knn_weighting", knn["knn_weighting"]),
+        param(params, "knn_neighbours", knn["knn_neighbours"]),
+    )
     if weighting == "cosine":
         inner = CosineRecommender(K=k, num_threads=2)
     elif weighting == "tfidf":
         inner = TFIDFRecommender(K=k, num_threads=2)
     elif weighting == "bm25":
-        inner = BM25Recommender(K=k, K1=param(params, "bm25_k1", knn["bm25_k1"]), B=param(params, "bm25_b", knn["bm25_b"]),
-                                num_threads=2)
+        inner = BM25Recommender(
+            K=k, K1=param(params, "bm25_k1", knn["bm25_k1"]), B=param(params, "bm25_b", knn["bm25_b"]), num_threads=2
+        )
     else:
         raise ValueError(f"unknown knn_weighting {weighting!r}: use one of {', '.join(KNN_WEIGHTINGS)}")
     return ImplicitItemKNNWrapperModel(inner)
 
+
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "Both baselines learn from interactions only."
     return interactions_only(dataset)
+
 
 def search_space(trial, model: str) -> dict[str, Any]:
     "What `reco-lab tune` may try for kNN: the weighting, the number of neighbours and BM25's K1 and B."
@@ -55,5 +62,8 @@ def search_space(trial, model: str) -> dict[str, Any]:
     weighting = trial.suggest_categorical("knn_weighting", list(KNN_WEIGHTINGS))
     params = {"knn_weighting": weighting, "knn_neighbours": trial.suggest_int("knn_neighbours", 5, 500, log=True)}
     if weighting == "bm25":
-        params |= {"bm25_k1": trial.suggest_float("bm25_k1", 0.2, 3.0), "bm25_b": trial.suggest_float("bm25_b", 0.0, 1.0)}
+        params |= {
+            "bm25_k1": trial.suggest_float("bm25_k1", 0.2, 3.0),
+            "bm25_b": trial.suggest_float("bm25_b", 0.0, 1.0),
+        }
     return params

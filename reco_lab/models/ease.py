@@ -20,12 +20,14 @@ from ..experiment import interactions_only, param
 # %% ../../nbs/13_ease.ipynb #e8d23ba7
 DEFAULTS = {"ease": {"regularization": 500.0}}
 
+
 class EASE(EASEModel):
     "rectools' EASE scoring `X·B` as in the paper (rectools 0.19 ranks by `X·Bᵀ`): `weight` holds `Bᵀ` after fitting."
 
     def _fit(self, dataset: Dataset) -> None:  # type: ignore[override]
         super()._fit(dataset)
         self.weight = np.ascontiguousarray(self.weight.T)
+
 
 def make_model(params: dict[str, Any]) -> EASE:
     "EASE with L2 penalty `regularization`; top-k on 2 threads."
@@ -34,9 +36,11 @@ def make_model(params: dict[str, Any]) -> EASE:
         raise ValueError(f"EASE regularization must be positive, got {regularization}")
     return EASE(regularization=regularization, recommend_n_threads=2, recommend_use_gpu_ranking=False)
 
+
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "EASE learns from interactions only."
     return interactions_only(dataset)
+
 
 def search_space(trial, model: str = "ease") -> dict[str, Any]:
     "What `reco-lab tune` may try: the L2 penalty, on a log scale."

@@ -9,7 +9,8 @@ __all__ = ['LOSSES', 'DEFAULTS', 'make_model', 'prepare', 'search_space', 'fit_e
 import reco_lab.core  # noqa: F401
 
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from lightfm import LightFM
 from rectools.dataset import Dataset
@@ -21,8 +22,21 @@ from ..tracking import Run
 
 # %% ../../nbs/12_lightfm.ipynb #be1b4489
 LOSSES = ("warp", "bpr", "logistic", "warp-kos")
-DEFAULTS = {"lightfm": {"no_components": 64, "loss": "warp", "learning_rate": 0.05, "item_alpha": 0.0, "user_alpha": 0.0,
-                        "epochs": 20, "eval_every": 5, "features": True, "num_threads": 1, "seed": 42}}
+DEFAULTS = {
+    "lightfm": {
+        "no_components": 64,
+        "loss": "warp",
+        "learning_rate": 0.05,
+        "item_alpha": 0.0,
+        "user_alpha": 0.0,
+        "epochs": 20,
+        "eval_every": 5,
+        "features": True,
+        "num_threads": 1,
+        "seed": 42,
+    }
+}
+
 
 def make_model(params: dict[str, Any]) -> LightFMWrapperModel:
     "LightFM in rectools' wrapper; one thread unless `num_threads` says otherwise (repeatable runs)."
@@ -30,28 +44,45 @@ def make_model(params: dict[str, Any]) -> LightFMWrapperModel:
     loss = param(params, "loss", d["loss"])
     if loss not in LOSSES:
         raise ValueError(f"unknown LightFM loss {loss!r}: use one of {', '.join(LOSSES)}")
-    inner = LightFM(no_components=param(params, "no_components", d["no_components"]), loss=loss,
-                    learning_rate=param(params, "learning_rate", d["learning_rate"]),
-                    item_alpha=param(params, "item_alpha", d["item_alpha"]), user_alpha=param(params, "user_alpha", d["user_alpha"]),
-                    random_state=param(params, "seed", d["seed"]))
-    return LightFMWrapperModel(inner, epochs=param(params, "epochs", d["epochs"]),
-                               num_threads=param(params, "num_threads", d["num_threads"]))
+    inner = LightFM(
+        no_components=param(params, "no_components", d["no_components"]),
+        loss=loss,
+        learning_rate=param(params, "learning_rate", d["learning_rate"]),
+        item_alpha=param(params, "item_alpha", d["item_alpha"]),
+        user_alpha=param(params, "user_alpha", d["user_alpha"]),
+        random_state=param(params, "seed", d["seed"]),
+    )
+    return LightFMWrapperModel(
+        inner, epochs=param(params, "epochs", d["epochs"]), num_threads=param(params, "num_threads", d["num_threads"])
+    )
+
 
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "With `features` (default) the dataset as it is, otherwise ids only."
     return dataset if param(params, "features", True) else interactions_only(dataset)
 
+
 def search_space(trial, model: str = "lightfm") -> dict[str, Any]:
     "What `reco-lab tune` may try: embedding size, learning rate, L2 penalties, epochs, with or without features."
-    return {"no_components": trial.suggest_categorical("no_components", [16, 32, 64, 128]),
-            "learning_rate": trial.suggest_float("learning_rate", 0.005, 0.2, log=True),
-            "item_alpha": trial.suggest_float("item_alpha", 1e-8, 1e-3, log=True),
-            "user_alpha": trial.suggest_float("user_alpha", 1e-8, 1e-3, log=True),
-            "epochs": trial.suggest_int("epochs", 5, 60),
-            "features": trial.suggest_categorical("features", [True, False])}
+    return {
+        "no_components": trial.suggest_categorical("no_components", [16, 32, 64, 128]),
+        "learning_rate": trial.suggest_float("learning_rate", 0.005, 0.2, log=True),
+        "item_alpha": trial.suggest_float("item_alpha", 1e-8, 1e-3, log=True),
+        "user_alpha": trial.suggest_float("user_alpha", 1e-8, 1e-3, log=True),
+        "epochs": trial.suggest_int("epochs", 5, 60),
+        "features": trial.suggest_categorical("features", [True, False]),
+    }
 
-def fit_epochs(model: LightFMWrapperModel, dataset: Dataset, epochs: int, *, eval_every: int = 0,
-               on_eval: Callable[[int], None] | None = None, timer: Callable[[], Any] = nullcontext) -> LightFMWrapperModel:
+
+def fit_epochs(
+    model: LightFMWrapperModel,
+    dataset: Dataset,
+    epochs: int,
+    *,
+    eval_every: int = 0,
+    on_eval: Callable[[int], None] | None = None,
+    timer: Callable[[], Any] = nullcontext,
+) -> LightFMWrapperModel:
     "Train one epoch at a time with `fit_partial`, calling `on_eval(epoch)` every `eval_every` epochs (untimed)."
     for epoch in range(1, epochs + 1):
         with timer():
@@ -60,12 +91,17 @@ def fit_epochs(model: LightFMWrapperModel, dataset: Dataset, epochs: int, *, eva
             on_eval(epoch)
     return model
 
+
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[LightFMWrapperModel, Dataset]:
     "Fit on `fold.train` epoch by epoch (timed); on a validation split, log the `val_map_at_10_fold_<k>` curve."
     train, model = prepare(fold.train, params), make_model(params)
     epochs, eval_every = param(params, "epochs", DEFAULTS["lightfm"]["epochs"]), param(params, "eval_every", 0)
     curve = {}
     if fold.role == "validation":
-        curve = {"eval_every": eval_every,
-                 "on_eval": lambda epoch: run.curves.log(f"val_map_at_10_fold_{fold.index}", score(model, train, fold), epoch)}
+        curve = {
+            "eval_every": eval_every,
+            "on_eval": lambda epoch: run.curves.log(
+                f"val_map_at_10_fold_{fold.index}", score(model, train, fold), epoch
+            ),
+        }
     return fit_epochs(model, train, epochs, timer=run.timer, **curve), train

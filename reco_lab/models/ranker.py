@@ -19,7 +19,12 @@ from catboost import CatBoostClassifier, Pool
 from rectools import Columns
 from rectools.dataset import Dataset
 from rectools.models import PopularModel
-from rectools.models.ranking import CandidateFeatureCollector, CandidateGenerator, CandidateRankingModel, CatBoostReranker
+from rectools.models.ranking import (
+    CandidateFeatureCollector,
+    CandidateGenerator,
+    CandidateRankingModel,
+    CatBoostReranker,
+)
 from rectools.models.ranking.candidate_ranking import NegativeSamplerBase
 
 from ..data import RecoData
@@ -31,23 +36,35 @@ from ..tracking import SELECTION_METRIC, Run, comparable_runs, rank_runs
 class NoCandidateRuns(LookupError):
     "MLflow holds no finished candidate run to choose a first stage from."
 
-def choose_first_stage(dataset: str, protocol: str, split: str, *, quick: bool = False, study_id: str = "",
-                       uri: str | None = None) -> dict[str, Any]:
+
+def choose_first_stage(
+    dataset: str, protocol: str, split: str, *, quick: bool = False, study_id: str = "", uri: str | None = None
+) -> dict[str, Any]:
     "The comparable candidate run with the best validation MAP@10: its model, params, run id and score."
-    runs = rank_runs(comparable_runs(("candidates",), dataset=dataset, protocol=protocol, split=split, quick=quick,
-                                     study_id=study_id, uri=uri))
+    runs = rank_runs(
+        comparable_runs(
+            ("candidates",), dataset=dataset, protocol=protocol, split=split, quick=quick, study_id=study_id, uri=uri
+        )
+    )
     if runs.empty:
-        raise NoCandidateRuns(f"no finished {'quick ' if quick else ''}candidate runs for dataset {dataset!r}, protocol "
-                              f"{protocol!r} and split {split} in MLflow: run the candidate notebooks first (reco-lab run), "
-                              "or set first_stage to a model name")
+        raise NoCandidateRuns(
+            f"no finished {'quick ' if quick else ''}candidate runs for dataset {dataset!r}, protocol "
+            f"{protocol!r} and split {split} in MLflow: run the candidate notebooks first (reco-lab run), "
+            "or set first_stage to a model name"
+        )
     best = runs.iloc[0]
     params = {k.removeprefix("params."): v for k, v in best.items() if k.startswith("params.") and isinstance(v, str)}
     params.pop("n_folds", None)
-    return {"model": best["tags.model"], "params": params, "run_id": best["run_id"],
-            SELECTION_METRIC: float(best[f"metrics.{SELECTION_METRIC}"])}
+    return {
+        "model": best["tags.model"],
+        "params": params,
+        "run_id": best["run_id"],
+        SELECTION_METRIC: float(best[f"metrics.{SELECTION_METRIC}"]),
+    }
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #bb81140e
 DAY = pd.Timedelta(days=1)
+
 
 class _Timeline:
     "Interactions sorted by (item, time) for counting an item's interactions in a time range with binary search."
@@ -78,11 +95,19 @@ class _Timeline:
         at = lambda i: np.where(has, self.keys[np.minimum(i, len(self.keys) - 1)] - base + self.t0, np.nan)  # noqa: E731
         return at(low), at(high - 1)
 
+
 class RankerFeatures(CandidateFeatureCollector):
     "User, item and user-item features for candidate pairs, from the given dataset's interactions up to a reference time."
 
-    def __init__(self, users: pd.DataFrame, items: pd.DataFrame, user_cat: list[str], item_cat: list[str],
-                 multi_valued: dict[str, str], per_user_time: bool = False):
+    def __init__(
+        self,
+        users: pd.DataFrame,
+        items: pd.DataFrame,
+        user_cat: list[str],
+        item_cat: list[str],
+        multi_valued: dict[str, str],
+        per_user_time: bool = False,
+    ):
         self.user_cat = list(user_cat)
         self.item_cat = [c for c in item_cat if c not in multi_valued]
         self.item_text = [c for c in item_cat if c in multi_valued]
@@ -95,7 +120,9 @@ class RankerFeatures(CandidateFeatureCollector):
             i[c] = i[c].astype("string").fillna("missing").astype(str)
         for c in self.item_text:
             tokens = i[c].astype("string").fillna("").str.split(multi_valued[c])
-            i[c] = tokens.map(lambda ts: " ".join(t.strip().lower().replace(" ", "_") for t in ts if t.strip()) or "none")
+            i[c] = tokens.map(
+                lambda ts: " ".join(t.strip().lower().replace(" ", "_") for t in ts if t.strip()) or "none"
+            )
         self.users, self.items = u, i
 
     @property
@@ -128,13 +155,25 @@ class RankerFeatures(CandidateFeatureCollector):
         # users: their whole history lies before their reference time
         user_now = now.reindex(inter[Columns.User]).to_numpy()
         pop_then = timeline.count(inter[Columns.Item].to_numpy(), user_now)
-        user = pd.DataFrame({Columns.User: inter[Columns.User].to_numpy(), "t": seconds, "pop": pop_then}).groupby(Columns.User).agg(
-            user_n=("t", "size"), user_last=("t", "max"), user_first=("t", "min"), user_mean_item_pop=("pop", "mean"))
+        user = (
+            pd.DataFrame({Columns.User: inter[Columns.User].to_numpy(), "t": seconds, "pop": pop_then})
+            .groupby(Columns.User)
+            .agg(
+                user_n=("t", "size"),
+                user_last=("t", "max"),
+                user_first=("t", "min"),
+                user_mean_item_pop=("pop", "mean"),
+            )
+        )
         user["user_days_since_last"] = (now.reindex(user.index) - user.pop("user_last")) / 86_400
         user["user_tenure_days"] = (now.reindex(user.index) - user.pop("user_first")) / 86_400
         # items, as of each (item, reference time) pair the candidates need
-        pairs = pd.DataFrame({Columns.Item: useritem[Columns.Item].to_numpy(),
-                              "now": now.reindex(useritem[Columns.User]).fillna(now.max()).to_numpy().astype(np.int64)})
+        pairs = pd.DataFrame(
+            {
+                Columns.Item: useritem[Columns.Item].to_numpy(),
+                "now": now.reindex(useritem[Columns.User]).fillna(now.max()).to_numpy().astype(np.int64),
+            }
+        )
         keys = pairs.drop_duplicates(ignore_index=True).copy()
         it, t = keys[Columns.Item].to_numpy(), keys["now"].to_numpy()
         keys["item_n"] = timeline.count(it, t)
@@ -142,13 +181,18 @@ class RankerFeatures(CandidateFeatureCollector):
         keys["item_n_30d"] = timeline.count(it, t, t - 30 * 86_400)
         first, last = timeline.first_last(it, t)
         keys["item_age_days"], keys["item_days_since_last"] = (t - first) / 86_400, (t - last) / 86_400
-        user_first = np.sort(inter.groupby(Columns.User)[Columns.Datetime].min().to_numpy().astype("datetime64[s]").astype(np.int64))
+        user_first = np.sort(
+            inter.groupby(Columns.User)[Columns.Datetime].min().to_numpy().astype("datetime64[s]").astype(np.int64)
+        )
         keys["item_pop_share"] = keys["item_n"] / np.maximum(np.searchsorted(user_first, t, side="right"), 1)
-        out = (useritem.assign(now=pairs["now"].to_numpy())
-               .merge(keys, on=[Columns.Item, "now"], how="left").drop(columns="now")
-               .merge(user, left_on=Columns.User, right_index=True, how="left")
-               .merge(self.users, on=Columns.User, how="left")
-               .merge(self.items, on=Columns.Item, how="left"))
+        out = (
+            useritem.assign(now=pairs["now"].to_numpy())
+            .merge(keys, on=[Columns.Item, "now"], how="left")
+            .drop(columns="now")
+            .merge(user, left_on=Columns.User, right_index=True, how="left")
+            .merge(self.users, on=Columns.User, how="left")
+            .merge(self.items, on=Columns.Item, how="left")
+        )
         out["item_pop_vs_user"] = out["item_n"] / out["user_mean_item_pop"]
         for c in self.cat_features:
             out[c] = out[c].fillna("missing")
@@ -179,8 +223,14 @@ class PositiveUsersSampler(NegativeSamplerBase):
 class EvalSetCatBoostReranker(CatBoostReranker):
     "CatBoostReranker that holds out a share of users as CatBoost's eval set (early stopping, per-iteration metrics)."
 
-    def __init__(self, model: CatBoostClassifier, cat_features: list[str], text_features: list[str], eval_share: float = 0.2,
-                 random_state: int = 0):
+    def __init__(
+        self,
+        model: CatBoostClassifier,
+        cat_features: list[str],
+        text_features: list[str],
+        eval_share: float = 0.2,
+        random_state: int = 0,
+    ):
         super().__init__(model)
         self.cat_features, self.text_features = cat_features, text_features
         self.eval_share, self.random_state = eval_share, random_state
@@ -188,7 +238,9 @@ class EvalSetCatBoostReranker(CatBoostReranker):
 
     def _pool(self, frame: pd.DataFrame) -> Pool:
         data = frame.drop(columns=[*Columns.UserItem, Columns.Target])
-        return Pool(data, label=frame[Columns.Target], cat_features=self.cat_features, text_features=self.text_features or None)
+        return Pool(
+            data, label=frame[Columns.Target], cat_features=self.cat_features, text_features=self.text_features or None
+        )
 
     def fit(self, candidates_with_target: pd.DataFrame) -> None:
         users = candidates_with_target[Columns.User].unique()
@@ -204,12 +256,23 @@ class EvalSetCatBoostReranker(CatBoostReranker):
 class FastCandidateGenerator(CandidateGenerator):
     "rectools' CandidateGenerator with implicit's batched top-k for factor models (same candidates, ranks and scores)."
 
-    def generate_candidates(self, users, dataset: Dataset, filter_viewed: bool, for_train: bool, items_to_recommend=None,
-                            on_unsupported_targets="raise") -> pd.DataFrame:
+    def generate_candidates(
+        self,
+        users,
+        dataset: Dataset,
+        filter_viewed: bool,
+        for_train: bool,
+        items_to_recommend=None,
+        on_unsupported_targets="raise",
+    ) -> pd.DataFrame:
         if not filter_viewed or items_to_recommend is not None or vector_factors(self.model, dataset) is None:
-            return super().generate_candidates(users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets)
+            return super().generate_candidates(
+                users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets
+            )
         if not (self.is_fitted_for_train if for_train else self.is_fitted_for_recommend):
-            return super().generate_candidates(users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets)
+            return super().generate_candidates(
+                users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets
+            )
         users = np.asarray(users)
         items, scores = topk_items(self.model, dataset, users, self.num_candidates, with_scores=True)
         keep = items >= 0
@@ -226,9 +289,26 @@ def _first_stage(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     first_params = params.get("first_stage_params", {})
     return params["first_stage"], json.loads(first_params) if isinstance(first_params, str) else first_params
 
-DEFAULTS = {"ranker": {"n_candidates": 50, "n_popular": 20, "ranker_last_n": 10, "ranker_window": "7D", "iterations": 1000,
-                       "learning_rate": 0.05, "depth": 6, "l2_leaf_reg": 3.0, "max_ctr_complexity": 4, "one_hot_max_size": 2,
-                       "early_stopping_rounds": 50, "eval_share": 0.2, "max_train_users": 0, "seed": 42}}
+
+DEFAULTS = {
+    "ranker": {
+        "n_candidates": 50,
+        "n_popular": 20,
+        "ranker_last_n": 10,
+        "ranker_window": "7D",
+        "iterations": 1000,
+        "learning_rate": 0.05,
+        "depth": 6,
+        "l2_leaf_reg": 3.0,
+        "max_ctr_complexity": 4,
+        "one_hot_max_size": 2,
+        "early_stopping_rounds": 50,
+        "eval_share": 0.2,
+        "max_train_users": 0,
+        "seed": 42,
+    }
+}
+
 
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The ranker sees the data the way its first stage does (a ranker run's params carry `first_stage` and `first_stage_params`)."
@@ -237,36 +317,75 @@ def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     name, first_params = _first_stage(params)
     return prepare_model(name, dataset, first_params)
 
-def make_ranker(first_model: str, first_params: dict[str, Any], data: RecoData, protocol: str,
-                params: dict[str, Any]) -> CandidateRankingModel:
+
+def make_ranker(
+    first_model: str, first_params: dict[str, Any], data: RecoData, protocol: str, params: dict[str, Any]
+) -> CandidateRankingModel:
     "A CandidateRankingModel: first stage + popular candidates, RankerFeatures, CatBoost pointwise with an eval set."
     d = DEFAULTS["ranker"]
     p = lambda key: param(params, key, d[key])  # noqa: E731
     n_candidates, n_popular = p("n_candidates"), p("n_popular")
-    generators = [FastCandidateGenerator(make_model(first_model, first_params), n_candidates, keep_ranks=True, keep_scores=True,
-                                         scores_fillna_value=-1e6, ranks_fillna_value=n_candidates + 1)]
+    generators = [
+        FastCandidateGenerator(
+            make_model(first_model, first_params),
+            n_candidates,
+            keep_ranks=True,
+            keep_scores=True,
+            scores_fillna_value=-1e6,
+            ranks_fillna_value=n_candidates + 1,
+        )
+    ]
     if first_model != "popular" and n_popular > 0:
-        generators.append(CandidateGenerator(PopularModel(), n_popular, keep_ranks=True, keep_scores=True,
-                                             scores_fillna_value=0, ranks_fillna_value=n_popular + 1))
-    features = RankerFeatures(data.users, data.items, data.user_features, data.item_features, data.multi_valued,
-                              per_user_time=protocol == "last_n")
+        generators.append(
+            CandidateGenerator(
+                PopularModel(),
+                n_popular,
+                keep_ranks=True,
+                keep_scores=True,
+                scores_fillna_value=0,
+                ranks_fillna_value=n_popular + 1,
+            )
+        )
+    features = RankerFeatures(
+        data.users,
+        data.items,
+        data.user_features,
+        data.item_features,
+        data.multi_valued,
+        per_user_time=protocol == "last_n",
+    )
     catboost = CatBoostClassifier(
-        iterations=p("iterations"), learning_rate=p("learning_rate"), depth=p("depth"), l2_leaf_reg=p("l2_leaf_reg"),
-        max_ctr_complexity=p("max_ctr_complexity"), one_hot_max_size=p("one_hot_max_size"),
-        loss_function="Logloss", eval_metric="AUC", custom_metric=["Logloss", "AUC"],
-        early_stopping_rounds=p("early_stopping_rounds"), random_seed=p("seed"), thread_count=2, allow_writing_files=False)
-    reranker = EvalSetCatBoostReranker(catboost, features.cat_features, features.text_features,
-                                       eval_share=p("eval_share"), random_state=p("seed"))
+        iterations=p("iterations"),
+        learning_rate=p("learning_rate"),
+        depth=p("depth"),
+        l2_leaf_reg=p("l2_leaf_reg"),
+        max_ctr_complexity=p("max_ctr_complexity"),
+        one_hot_max_size=p("one_hot_max_size"),
+        loss_function="Logloss",
+        eval_metric="AUC",
+        custom_metric=["Logloss", "AUC"],
+        early_stopping_rounds=p("early_stopping_rounds"),
+        random_seed=p("seed"),
+        thread_count=2,
+        allow_writing_files=False,
+    )
+    reranker = EvalSetCatBoostReranker(
+        catboost, features.cat_features, features.text_features, eval_share=p("eval_share"), random_state=p("seed")
+    )
     label_split = make_splitter(protocol, 1, last_n=p("ranker_last_n"), window=p("ranker_window"))
     sampler = PositiveUsersSampler(max_users=p("max_train_users"), random_state=p("seed"))
     return CandidateRankingModel(generators, label_split, reranker, sampler=sampler, feature_collector=features)
 
+
 def search_space(trial, model: str = "ranker") -> dict[str, Any]:
     "What `reco-lab tune` may try: CatBoost's depth, learning rate and L2 penalty, and the number of candidates."
-    return {"depth": trial.suggest_int("depth", 3, 8),
-            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
-            "l2_leaf_reg": trial.suggest_float("l2_leaf_reg", 0.5, 30.0, log=True),
-            "n_candidates": trial.suggest_categorical("n_candidates", [20, 30, 50, 100])}
+    return {
+        "depth": trial.suggest_int("depth", 3, 8),
+        "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
+        "l2_leaf_reg": trial.suggest_float("l2_leaf_reg", 0.5, 30.0, log=True),
+        "n_candidates": trial.suggest_categorical("n_candidates", [20, 30, 50, 100]),
+    }
+
 
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tuple[CandidateRankingModel, Dataset]:
     "Fit the two-stage model on `fold.train` (timed), set to recommend as of the fold's cutoff; CatBoost curves of validation fits."
@@ -283,10 +402,12 @@ def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tu
         run.curves.log("best_iteration_by_fold", ranker.reranker.model.get_best_iteration(), fold.index)
     return ranker, train
 
+
 def fit_final(params: dict[str, Any], data: RecoData) -> CandidateRankingModel:
     "The two-stage model fitted on all of `data`, recommending as of the end of the data."
     first_model, first_params = _first_stage(params)
     return make_ranker(first_model, first_params, data, params["protocol"], params).fit(prepare(data.dataset, params))
+
 
 def catboost_curves(ranker: CandidateRankingModel) -> dict[str, list[float]]:
     "CatBoost's per-iteration metrics as `learn_<metric>` / `eval_<metric>` (lower-case names)."

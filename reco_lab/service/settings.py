@@ -20,12 +20,17 @@ from ..export import models_dir
 # %% ../../nbs/30_service_settings.ipynb #cd78a2d1
 class Settings(BaseSettings):
     "The service's configuration from `RECO_LAB_*` environment variables; keyword arguments override them."
+
     model_config = SettingsConfigDict(env_prefix="RECO_LAB_", extra="ignore")
 
     models_dir: Path = Field(default_factory=models_dir, description="serving export folder")
-    model_uri: str | None = Field(None, description="MLflow model to serve instead (models:/reco_lab@champion, runs:/<id>/model)")
-    model_cache_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("reco_lab")) / "models",
-                                  description="where a model downloaded from MLflow is kept")
+    model_uri: str | None = Field(
+        None, description="MLflow model to serve instead (models:/reco_lab@champion, runs:/<id>/model)"
+    )
+    model_cache_dir: Path = Field(
+        default_factory=lambda: Path(user_cache_dir("reco_lab")) / "models",
+        description="where a model downloaded from MLflow is kept",
+    )
     k_recs: int = Field(10, ge=1, le=1000, description="items per response")
     api_token: SecretStr | None = Field(None, description="bearer token for /reco and /models; unset = open")
     emulate_errors: bool = Field(False, description="user ids that are multiples of 666 fail on purpose")
