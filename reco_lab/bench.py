@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/52_bench.ipynb #e1a6af05
+# %% ../nbs/52_bench.ipynb #9acdf5ed
 def bench_als_logging(
     n_users: int = 100_000, factors: int = 64, epochs: int = 10, repeats: int = 5, seed: int = 0
 ) -> dict:
@@ -93,7 +93,7 @@ def bench_als_logging(
         "logging_share": statistics.median(logging_s) / med["bare implicit"],
     }
 
-
+# %% ../nbs/52_bench.ipynb #985372ff
 def format_als_logging(r: dict) -> str:
     "A markdown report of `bench_als_logging`."
     lines = [
@@ -117,7 +117,7 @@ def format_als_logging(r: dict) -> str:
     ]
     return "\n".join(lines)
 
-# %% ../nbs/52_bench.ipynb #063296d0
+# %% ../nbs/52_bench.ipynb #57dd2418
 import json
 import os
 import platform
@@ -127,7 +127,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-
+# %% ../nbs/52_bench.ipynb #c015d907
 @dataclass
 class Stage:
     "Wall time and peak RSS of one stage."
@@ -137,7 +137,7 @@ class Stage:
     peak_rss_gb: float = 0.0
     notes: dict = field(default_factory=dict)
 
-
+# %% ../nbs/52_bench.ipynb #123845d7
 class StageTimer:
     "Times stages and samples the process RSS in the background to get each stage's peak."
 
@@ -168,14 +168,14 @@ class StageTimer:
             self.stages.append(record)
             self.log(f"{name}: {record.seconds:.1f} s, peak RSS {record.peak_rss_gb:.2f} GB {record.notes or ''}")
 
-# %% ../nbs/52_bench.ipynb #a4708d07
+# %% ../nbs/52_bench.ipynb #4b4fc84f
 def _implicit_recommend_all(model, matrix, users_idx: np.ndarray, n: int, batch: int = 100_000) -> None:
     "implicit's own batched recommend for all given users (the reference for candidate generation)."
     for start in range(0, len(users_idx), batch):
         idx = users_idx[start : start + batch]
         model.recommend(idx, matrix[idx], N=n, filter_already_liked_items=True)
 
-
+# %% ../nbs/52_bench.ipynb #75130c1e
 def bench_scale(
     n_users: int = 1_000_000,
     n_items: int = 15_000,
@@ -293,7 +293,7 @@ def bench_scale(
         "workdir": str(work),
     }
 
-
+# %% ../nbs/52_bench.ipynb #55f42040
 def bench_service_scale(folder: Path, seconds: float = 5.0) -> dict:
     "Start-up time and RSS of the service on `folder`, then /reco vs /health like `reco-lab bench serve`."
     from reco_lab.service.bench import bench_report, bench_service, live_service
@@ -310,7 +310,7 @@ def bench_service_scale(folder: Path, seconds: float = 5.0) -> dict:
         "summary": bench.summary(),
     }
 
-
+# %% ../nbs/52_bench.ipynb #c8205c1e
 def format_scale(r: dict) -> str:
     "reports/benchmarks.md from `bench_scale`'s result."
     import implicit

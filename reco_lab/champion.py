@@ -35,7 +35,7 @@ from reco_lab.tracking import (
     search_runs,
 )
 
-# %% ../nbs/23_select_champion.ipynb #a88d9e19
+# %% ../nbs/23_select_champion.ipynb #3cff34fd
 def select_champion(
     dataset: str, protocol: str, split: str, *, quick: bool = False, study_id: str = "", uri: str | None = None
 ) -> pd.Series:
@@ -50,7 +50,7 @@ def select_champion(
         )
     return runs.iloc[0]
 
-
+# %% ../nbs/23_select_champion.ipynb #0edffc36
 def best_runs_per_model(
     dataset: str, protocol: str, split: str, *, quick: bool = False, study_id: str = "", uri: str | None = None
 ) -> dict[str, pd.Series]:
@@ -62,7 +62,7 @@ def best_runs_per_model(
         m: runs[runs["tags.model"] == m].iloc[0] for m in SERVED_MODELS if len(runs) and (runs["tags.model"] == m).any()
     }
 
-
+# %% ../nbs/23_select_champion.ipynb #3a9401b3
 def register_champion(
     run: pd.Series, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS, uri: str | None = None
 ) -> ModelVersion:
@@ -101,7 +101,7 @@ def register_champion(
     client.set_tag(run["run_id"], alias, "true")
     return client.get_model_version(name, version.version)
 
-# %% ../nbs/23_select_champion.ipynb #0b003c6f
+# %% ../nbs/23_select_champion.ipynb #73a03954
 def per_user_test_scores(run_id: str, uri: str | None = None) -> pd.DataFrame:
     "The run's per-user test scores (fold, user_id, map_at_10, ...) from its `eval/per_user.csv` artifact."
     client = check_tracking(uri)
@@ -109,7 +109,7 @@ def per_user_test_scores(run_id: str, uri: str | None = None) -> pd.DataFrame:
         scores = pd.read_csv(client.download_artifacts(run_id, "eval/per_user.csv", tmp))
     return scores[scores["role"] == "test"].drop(columns="role")
 
-
+# %% ../nbs/23_select_champion.ipynb #86aa16dd
 def confidence_vs_champion(
     runs: pd.DataFrame, champion: pd.Series, metric: str = "map_at_10", *, n_boot: int = 2000, uri: str | None = None
 ) -> pd.DataFrame:
@@ -130,7 +130,7 @@ def confidence_vs_champion(
         rows.append({"run_id": run["run_id"], "model": run["tags.model"], **values})
     return pd.DataFrame(rows)
 
-# %% ../nbs/23_select_champion.ipynb #3c419286
+# %% ../nbs/23_select_champion.ipynb #e34d5dfe
 def load_run_model(run_id: str, uri: str | None = None) -> ModelBase:
     "Unpickle the `estimator/model.pkl` artifact of an MLflow run."
     client = check_tracking(uri)
@@ -139,7 +139,7 @@ def load_run_model(run_id: str, uri: str | None = None) -> ModelBase:
         with open(path, "rb") as f:
             return pickle.load(f)
 
-
+# %% ../nbs/23_select_champion.ipynb #0f9f3c08
 def build_export(
     data: RecoData,
     runs: dict[str, pd.Series],
@@ -181,7 +181,7 @@ def build_export(
     }
     return export_models(data, models, folder, depth=depth, meta=meta, log=log)
 
-
+# %% ../nbs/23_select_champion.ipynb #9d0c23da
 def fetch_champion_export(
     dest: str | Path, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS, uri: str | None = None
 ) -> Path:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# %% ../nbs/53_cli.ipynb #a40f1452
+# %% ../nbs/53_cli.ipynb #f3f7f5d9
 def cmd_summary(args: argparse.Namespace) -> int:
     "Load a dataset and print its summary."
     from reco_lab.data import load_data
@@ -20,7 +20,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(load_data(args.dataset).summary().to_string())
     return 0
 
-
+# %% ../nbs/53_cli.ipynb #f8b31da4
 def cmd_run(args: argparse.Namespace) -> int:
     "Run the study's notebooks through papermill, then write the leaderboard, curves and HTML index."
     from reco_lab.data import parse_dataset
@@ -55,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"leaderboard: {board}")
     return 0
 
-
+# %% ../nbs/53_cli.ipynb #a1d9610d
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     "Rewrite the leaderboard and curves of the latest full study from what MLflow holds."
     from reco_lab.evaluation import fold_summary
@@ -87,7 +87,7 @@ def delegate(command: str, argv: list[str]) -> int:
     module, func, _ = DELEGATED[command]
     return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
-# %% ../nbs/53_cli.ipynb #42ddb82c
+# %% ../nbs/53_cli.ipynb #f369c15a
 def build_parser() -> argparse.ArgumentParser:
     "The `reco-lab` argument parser."
     parser = argparse.ArgumentParser(
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
-
+# %% ../nbs/53_cli.ipynb #e57324b3
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `reco-lab` console script."
     from reco_lab.data import DataError

@@ -42,7 +42,7 @@ def project_root(start: Path | None = None) -> Path:
             return folder
     return start
 
-# %% ../nbs/00_core.ipynb #8f3ea91c
+# %% ../nbs/00_core.ipynb #2fac27c4
 def env_flag(name: str, default: bool = False) -> bool:
     "Read a boolean environment variable: 1/true/yes/on or 0/false/no/off (case-insensitive)."
     value = os.environ.get(name)
@@ -55,12 +55,12 @@ def env_flag(name: str, default: bool = False) -> bool:
         return False
     raise ValueError(f"environment variable {name}={value!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
 
-
+# %% ../nbs/00_core.ipynb #4e7ca285
 def in_test() -> bool:
     "True while nbdev_test (or the test suite) runs the notebooks."
     return env_flag("IN_TEST")
 
-
+# %% ../nbs/00_core.ipynb #04904452
 def n_threads() -> int:
     "Threads a model or a top-k kernel may use (implicit, CatBoost, EASE): `RECO_LAB_THREADS`, default 2."
     value = os.environ.get("RECO_LAB_THREADS", "").strip() or "2"
@@ -68,20 +68,20 @@ def n_threads() -> int:
         raise ValueError(f"environment variable RECO_LAB_THREADS={value!r} is not a positive integer")
     return int(value)
 
-# %% ../nbs/00_core.ipynb #70d91bc5
+# %% ../nbs/00_core.ipynb #119e85b8
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port on `host` that nothing listens on right now."
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
-
+# %% ../nbs/00_core.ipynb #db7ad2bf
 def console_script(name: str) -> str:
     "A console script of this Python environment (beside the interpreter), else from PATH, else the bare name."
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else shutil.which(name) or name
 
-
+# %% ../nbs/00_core.ipynb #c088c36d
 def sha256(path: str | Path, block: int = 1 << 22) -> str:
     "Hex sha256 of a file, read in blocks."
     digest = hashlib.sha256()

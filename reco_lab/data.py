@@ -29,11 +29,11 @@ from rectools.dataset import Dataset
 
 from .core import sha256
 
-# %% ../nbs/01_data.ipynb #c4a24059
+# %% ../nbs/01_data.ipynb #6ca19b15
 class DataError(ValueError):
     "Input data that cannot be used: the message names the file, the column and the first bad row."
 
-
+# %% ../nbs/01_data.ipynb #f049f186
 @dataclass
 class RecoData:
     "Interactions as a rectools Dataset plus the raw frames every later stage builds on."
@@ -69,7 +69,7 @@ class RecoData:
             }
         )
 
-# %% ../nbs/01_data.ipynb #aaedf03b
+# %% ../nbs/01_data.ipynb #44fc2361
 def features_long(frame: pd.DataFrame, id_col: str, columns: list[str], multi_valued: dict[str, str]) -> pd.DataFrame:
     "Long-format (id, feature, value) categorical features for rectools' SparseFeatures."
     parts = []
@@ -84,7 +84,7 @@ def features_long(frame: pd.DataFrame, id_col: str, columns: list[str], multi_va
         )
     return pd.concat(parts, ignore_index=True)
 
-
+# %% ../nbs/01_data.ipynb #a608428d
 def build_dataset(data: RecoData) -> Dataset:
     "The rectools Dataset of `data`'s interactions with its categorical user and item features."
     inter = data.interactions
@@ -102,7 +102,7 @@ def build_dataset(data: RecoData) -> Dataset:
         cat_item_features=data.item_features,
     )
 
-# %% ../nbs/01_data.ipynb #f211e65b
+# %% ../nbs/01_data.ipynb #e1f9f406
 ML100K_WHEEL = "recbole==1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
 ML100K_SHA256 = {
@@ -111,12 +111,12 @@ ML100K_SHA256 = {
     "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
 }
 
-
+# %% ../nbs/01_data.ipynb #452c9275
 def data_dir() -> Path:
     "Where downloaded datasets are cached: `RECO_LAB_DATA_DIR`, else the user's cache dir."
     return Path(os.environ.get("RECO_LAB_DATA_DIR") or Path(user_cache_dir("reco_lab")) / "data").expanduser()
 
-
+# %% ../nbs/01_data.ipynb #dd36fc5b
 def _verify(folder: Path) -> list[str]:
     "Names of the ML-100k files in `folder` that are missing or fail their checksum."
     return [
@@ -125,7 +125,7 @@ def _verify(folder: Path) -> list[str]:
         if not (folder / name).is_file() or sha256(folder / name) != digest
     ]
 
-
+# %% ../nbs/01_data.ipynb #ac8ea2de
 def ml100k_files(cache: Path | None = None) -> Path:
     "Folder holding the verified ML-100k files, fetched from the RecBole wheel on first use."
     folder = Path(cache or data_dir()) / "ml-100k"
@@ -175,20 +175,19 @@ def ml100k_files(cache: Path | None = None) -> Path:
         staged.rename(folder)  # atomic within one filesystem: the cache is either complete or absent
     return folder
 
-
-# %% ../nbs/01_data.ipynb #4787c930
+# %% ../nbs/01_data.ipynb #4cfe4188
 def _read_atomic(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     frame.columns = [c.split(":")[0] for c in frame.columns]
     return frame
 
-
+# %% ../nbs/01_data.ipynb #7040e93e
 def _age_bucket(age: pd.Series) -> pd.Series:
     bins = [0, 18, 25, 35, 45, 55, 65, 200]
     labels = ["age_under_18", "age_18_24", "age_25_34", "age_35_44", "age_45_54", "age_55_64", "age_65_plus"]
     return pd.cut(age, bins=bins, labels=labels, right=False).astype(str)
 
-
+# %% ../nbs/01_data.ipynb #172eaa11
 def load_movielens_100k(cache: Path | None = None) -> RecoData:
     "Real MovieLens-100k: 100k ratings with timestamps, user (age, gender, occupation) and item (genres, year) features."
     folder = ml100k_files(cache)
@@ -226,7 +225,7 @@ def load_movielens_100k(cache: Path | None = None) -> RecoData:
         "ml-100k", interactions, users, items, ["age", "gender", "occupation"], ["genres", "decade"], {"genres": " "}
     )
 
-# %% ../nbs/01_data.ipynb #ef6f255b
+# %% ../nbs/01_data.ipynb #e3e690bb
 KION_COLUMNS = {
     "interactions.csv": ["user_id", "item_id", "last_watch_dt", "total_dur", "watched_pct"],
     "users.csv": ["user_id", "age", "income", "sex", "kids_flg"],
@@ -250,14 +249,14 @@ KION_COLUMNS = {
 KION_USER_FEATURES = ["age", "income", "sex", "kids_flg"]
 KION_ITEM_FEATURES = ["content_type", "genres", "countries", "for_kids", "age_rating", "release_decade"]
 
-
+# %% ../nbs/01_data.ipynb #da20e489
 def _bad_row(file: Path, column: str, raw: pd.Series, bad: pd.Series, what: str) -> DataError:
     i = int(np.flatnonzero(bad.to_numpy())[0])
     return DataError(
         f"{file}: column {column!r}, line {i + 2}: {raw.iloc[i]!r} {what} ({int(bad.sum())} bad rows in all)"
     )
 
-
+# %% ../nbs/01_data.ipynb #873a6085
 def _beyond_int64(raw: pd.Series, values: pd.Series) -> pd.Series:
     "Rows whose whole number does not fit int64 (floats near the edge are checked exactly, on the text)."
     if values.dtype.kind == "i":
@@ -266,7 +265,7 @@ def _beyond_int64(raw: pd.Series, values: pd.Series) -> pd.Series:
     exact = raw[big].map(lambda text: not -(2**63) <= int(Decimal(str(text).strip())) < 2**63)
     return big & exact.reindex(values.index, fill_value=False).astype(bool)
 
-
+# %% ../nbs/01_data.ipynb #18f4e1f2
 def _parse_numbers(
     file: Path, frame: pd.DataFrame, column: str, *, required: bool, non_negative: bool = False, integer: bool = False
 ) -> pd.Series:
@@ -287,7 +286,7 @@ def _parse_numbers(
         raise _bad_row(file, column, raw, bad.fillna(False), "is negative")
     return values
 
-
+# %% ../nbs/01_data.ipynb #282d2a32
 def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
     path = folder / name
     try:
@@ -304,7 +303,7 @@ def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
         raise DataError(f"{path} has a header but no rows")
     return frame
 
-
+# %% ../nbs/01_data.ipynb #fca78c7b
 def load_kion(path: str | Path) -> RecoData:
     "The MTS Kion dataset from its three CSV files, validated before anything is built."
     folder = Path(path).expanduser()
@@ -371,7 +370,7 @@ def load_kion(path: str | Path) -> RecoData:
         {"genres": ",", "countries": ","},
     )
 
-# %% ../nbs/01_data.ipynb #063873a4
+# %% ../nbs/01_data.ipynb #010dc2f2
 GENRES = [
     "драмы",
     "комедии",
@@ -399,12 +398,12 @@ AGES = ["age_18_24", "age_25_34", "age_35_44", "age_45_54", "age_55_64", "age_65
 INCOMES = ["income_0_20", "income_20_40", "income_40_60", "income_60_90", "income_90_150", "income_150_inf"]
 START = pd.Timestamp("2021-03-13")
 
-
+# %% ../nbs/01_data.ipynb #d800200a
 def _sample_by_weight(rng: np.random.Generator, cum: np.ndarray, n: int) -> np.ndarray:
     "Indexes sampled with probabilities given by the cumulative weights `cum`."
     return np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
 
-
+# %% ../nbs/01_data.ipynb #0250472a
 def make_synthetic(
     n_users: int = 10_000, n_items: int = 2_000, n_interactions: int = 100_000, seed: int = 0, n_days: int = 70
 ) -> RecoData:
@@ -513,7 +512,7 @@ def write_kion(data: RecoData, folder: str | Path) -> Path:
     items.to_csv(folder / "items.csv", index=False)
     return folder
 
-# %% ../nbs/01_data.ipynb #cdb39cca
+# %% ../nbs/01_data.ipynb #b3f0f788
 def parse_dataset(spec: str) -> tuple[str, str]:
     "Check a dataset name without loading it: (`ml-100k`|`kion`|`synthetic`, argument); DataError if it cannot be loaded."
     kind, _, arg = spec.partition(":")
@@ -534,7 +533,7 @@ def parse_dataset(spec: str) -> tuple[str, str]:
         return kind, str(n_users)
     raise DataError(f"unknown dataset {spec!r}: use ml-100k, kion:<dir> or synthetic:<n_users>")
 
-
+# %% ../nbs/01_data.ipynb #56f4fceb
 def load_data(spec: str, seed: int = 0) -> RecoData:
     "Load a dataset by name: `ml-100k`, `kion:<dir>` or `synthetic:<n_users>`."
     kind, arg = parse_dataset(spec)

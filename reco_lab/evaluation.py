@@ -22,7 +22,7 @@ from rectools.model_selection import LastNSplitter, Splitter, TimeRangeSplitter
 
 from .data import RecoData
 
-# %% ../nbs/02_evaluation.ipynb #955c845c
+# %% ../nbs/02_evaluation.ipynb #5ff107dc
 PROTOCOLS = ("last_n", "next_n", "time")
 
 
@@ -30,7 +30,7 @@ def default_protocol(data: RecoData | str) -> str:
     "The protocol a dataset (or dataset name) is evaluated with unless told otherwise: `last_n` for ML-100k, else `time`."
     return "last_n" if (data if isinstance(data, str) else data.name) == "ml-100k" else "time"
 
-
+# %% ../nbs/02_evaluation.ipynb #4bf20e06
 class NextNSplitter(Splitter):
     "Global cutoffs T_k: train on everything before T_k, test each user's next `n` interactions from T_k on."
 
@@ -57,7 +57,7 @@ class NextNSplitter(Splitter):
                 {"i_split": i, "start": cutoff},
             )
 
-
+# %% ../nbs/02_evaluation.ipynb #de2e320c
 def make_splitter(
     protocol: str, n_folds: int = 3, *, last_n: int = 10, window: str = "7D", test_share: float = 0.1
 ) -> Splitter:
@@ -71,7 +71,7 @@ def make_splitter(
         return TimeRangeSplitter(test_size=window, n_splits=n_folds, **filters)
     raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
 
-# %% ../nbs/02_evaluation.ipynb #4b5801d2
+# %% ../nbs/02_evaluation.ipynb #e41f41f1
 @dataclass
 class Fold:
     "One train/test split of a dataset, external ids throughout; a test fold carries its validation split."
@@ -92,7 +92,7 @@ class Fold:
     def catalog(self) -> np.ndarray:
         return self.train_interactions[Columns.Item].unique()
 
-
+# %% ../nbs/02_evaluation.ipynb #c6d9fd17
 def split_dataset(ds: Dataset, splitter: Splitter, role: str = "test") -> list[Fold]:
     "The folds `splitter` makes of `ds` (which may itself be a fold's training data), external ids kept."
     folds = []
@@ -106,7 +106,7 @@ def split_dataset(ds: Dataset, splitter: Splitter, role: str = "test") -> list[F
         )
     return folds
 
-
+# %% ../nbs/02_evaluation.ipynb #39d537a4
 def time_folds(
     data: RecoData, protocol: str | None = None, n_folds: int = 3, *, validation: bool = True, **splitter_args
 ) -> list[Fold]:
@@ -145,7 +145,7 @@ def assert_no_future_leak(fold: Fold) -> None:
         f"fold {fold.index}: {int(late.sum())} users have training interactions after their test items"
     )
 
-# %% ../nbs/02_evaluation.ipynb #2e5afb90
+# %% ../nbs/02_evaluation.ipynb #80e87937
 def leak_share(fold: Fold) -> float:
     "Mean over test users of the share of training interactions later than the user's first test interaction."
     times = np.sort(fold.train_interactions[Columns.Datetime].to_numpy())
@@ -153,7 +153,7 @@ def leak_share(fold: Fold) -> float:
     later = len(times) - np.searchsorted(times, first, side="right")
     return float(np.mean(later / len(times)))
 
-
+# %% ../nbs/02_evaluation.ipynb #ef08eee4
 def fold_summary(folds: list[Fold]) -> pd.DataFrame:
     "One row per fold: cutoff, sizes of train, test and validation, and the leak share of test and validation."
     rows = []
@@ -173,7 +173,7 @@ def fold_summary(folds: list[Fold]) -> pd.DataFrame:
         )
     return pd.DataFrame(rows).set_index("fold")
 
-# %% ../nbs/02_evaluation.ipynb #5808b968
+# %% ../nbs/02_evaluation.ipynb #3647a47a
 K = 10
 METRICS = {
     "map_at_10": MAP(k=K),
@@ -184,7 +184,7 @@ METRICS = {
     "serendipity_at_10": Serendipity(k=K),
 }
 
-
+# %% ../nbs/02_evaluation.ipynb #53428adc
 def fold_metrics(reco: pd.DataFrame, fold: Fold) -> dict[str, float]:
     "The six metrics of recommendations `reco` (user_id, item_id, rank) on `fold`'s test users."
     missing = set(fold.test_users) - set(reco[Columns.User].unique())
@@ -197,7 +197,7 @@ def fold_metrics(reco: pd.DataFrame, fold: Fold) -> dict[str, float]:
     )
     return {name: float(values[name]) for name in METRICS}
 
-
+# %% ../nbs/02_evaluation.ipynb #a4f3b808
 def summarize(per_fold: list[dict[str, float]]) -> pd.DataFrame:
     "Per-fold metrics with their mean and (sample) std as the last two rows."
     table = pd.DataFrame(per_fold)
@@ -215,7 +215,7 @@ def split_id(folds: list[Fold]) -> str:
             h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]
 
-# %% ../nbs/02_evaluation.ipynb #fc557ca3
+# %% ../nbs/02_evaluation.ipynb #06a0544d
 def per_user_scores(
     reco: pd.DataFrame, fold: Fold, metrics: tuple[str, ...] = ("map_at_10", "ndcg_at_10")
 ) -> pd.DataFrame:
@@ -226,7 +226,7 @@ def per_user_scores(
         frame[name] = frame[Columns.User].map(values).fillna(0.0).to_numpy()
     return frame.assign(fold=fold.index, role=fold.role)[["fold", "role", Columns.User, *metrics]]
 
-
+# %% ../nbs/02_evaluation.ipynb #24f7a99d
 def paired_bootstrap(
     a: pd.DataFrame,
     b: pd.DataFrame,

@@ -42,7 +42,7 @@ from reco_lab.evaluation import (
 )
 from .tracking import Run, tracked_run
 
-# %% ../nbs/04_experiment.ipynb #3cb75302
+# %% ../nbs/04_experiment.ipynb #4ca76e56
 MODEL_MODULES = {
     "popular": "reco_lab.models.baselines",
     "knn": "reco_lab.models.baselines",
@@ -52,14 +52,14 @@ MODEL_MODULES = {
     "ranker": "reco_lab.models.ranker",
 }
 
-
+# %% ../nbs/04_experiment.ipynb #dac5f0c0
 def model_module(name: str):
     "The module that owns model `name`."
     if name not in MODEL_MODULES:
         raise ValueError(f"unknown model {name!r}: candidate models are {', '.join(MODEL_MODULES)}")
     return importlib.import_module(MODEL_MODULES[name])
 
-
+# %% ../nbs/04_experiment.ipynb #85a30394
 def make_model(name: str, params: dict[str, Any]) -> ModelBase:
     "The unfitted candidate model `name` for hyper-parameters `params` (as logged in MLflow: strings are fine)."
     module = model_module(name)
@@ -67,12 +67,12 @@ def make_model(name: str, params: dict[str, Any]) -> ModelBase:
         raise ValueError(f"{name} is not a single model: build it with {module.__name__}'s own constructor")
     return module.make_model({**params, "model": name})
 
-
+# %% ../nbs/04_experiment.ipynb #46736177
 def prepare(name: str, dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The dataset view model `name` trains on."
     return model_module(name).prepare(dataset, params)
 
-
+# %% ../nbs/04_experiment.ipynb #31dbd94f
 def interactions_only(dataset: Dataset) -> Dataset:
     "The same users, items and interactions without features (same id mapping)."
     return Dataset(dataset.user_id_map, dataset.item_id_map, dataset.interactions)
@@ -87,13 +87,13 @@ def param(params: dict[str, Any], key: str, default: Any) -> Any:
         return value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
     return type(default)(value)
 
-# %% ../nbs/04_experiment.ipynb #4fdad787
+# %% ../nbs/04_experiment.ipynb #bc237ba2
 def config_path(dataset: str) -> Path:
     "`<RECO_LAB_CONFIG_DIR or configs/>/<dataset kind>.yaml` (`ml-100k`, `kion`, `synthetic`)."
     folder = Path(os.environ.get("RECO_LAB_CONFIG_DIR") or project_root() / "configs").expanduser()
     return folder / f"{dataset.split(':')[0]}.yaml"
 
-
+# %% ../nbs/04_experiment.ipynb #9b9cc633
 def tuned_config(dataset: str) -> dict[str, Any]:
     "The tuned values committed for `dataset` (model -> {params, best_val_map_at_10, ...}); empty when none."
     path = config_path(dataset)
@@ -109,7 +109,7 @@ def tuned_config(dataset: str) -> dict[str, Any]:
         raise ValueError(f"{path}: expected `<model>: {{params: {{...}}}}` entries")
     return config
 
-
+# %% ../nbs/04_experiment.ipynb #cbba7a0c
 def resolve_params(name: str, dataset: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
     "Hyper-parameters of model `name`: its `DEFAULTS[name]`, then the tuned values for `dataset`, then the non-None `given`."
     defaults = model_module(name).DEFAULTS[name]
@@ -118,7 +118,7 @@ def resolve_params(name: str, dataset: str, given: dict[str, Any] | None = None)
         raise ValueError(f"{config_path(dataset)}: {name} has no parameter(s) {', '.join(sorted(unknown))}")
     return {"model": name, **defaults, **tuned, **{k: v for k, v in (given or {}).items() if v is not None}}
 
-
+# %% ../nbs/04_experiment.ipynb #7caf6f68
 def params_source(name: str, dataset: str) -> str:
     "Where `resolve_params` found tuned values: the config file relative to the repository, or `defaults`."
     path = config_path(dataset)
@@ -159,24 +159,24 @@ def complete_with_popular(reco: pd.DataFrame, fold: Fold, users, k: int = K) -> 
     out[Columns.Rank] = out.groupby(Columns.User, sort=False).cumcount() + 1
     return out[[Columns.User, Columns.Item, Columns.Rank]].reset_index(drop=True)
 
-# %% ../nbs/04_experiment.ipynb #83a70cfa
+# %% ../nbs/04_experiment.ipynb #d3ae6f54
 def recommend(model: ModelBase, dataset: Dataset, users, k: int = K) -> pd.DataFrame:
     "Top-k of `users` (external ids) without seen items; users the model cannot score get no rows."
     return model.recommend(
         users=np.asarray(users), dataset=dataset, k=k, filter_viewed=True, on_unsupported_targets="ignore"
     )
 
-
+# %% ../nbs/04_experiment.ipynb #42835e58
 def served_lists(model: ModelBase, dataset: Dataset, fold: Fold, k: int = K) -> pd.DataFrame:
     "What the service would answer to each of `fold`'s test users: the model's top-k completed from popular items."
     return complete_with_popular(recommend(model, dataset, fold.test_users, k), fold, fold.test_users, k)
 
-
+# %% ../nbs/04_experiment.ipynb #72b97255
 def score(model: ModelBase, dataset: Dataset, fold: Fold, metric: str = "map_at_10") -> float:
     "One metric of the served lists on `fold` (for learning curves on a validation split)."
     return float(METRICS[metric].calc(served_lists(model, dataset, fold), fold.test))
 
-
+# %% ../nbs/04_experiment.ipynb #04449a64
 def fit_fold(name: str, params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tuple[ModelBase, Dataset]:
     "Fit model `name` on `fold.train` (timed by `run`): the module's own `fit_fold`, else `make_model(params).fit`."
     module = model_module(name)
@@ -188,7 +188,7 @@ def fit_fold(name: str, params: dict[str, Any], fold: Fold, run: Run, data: Reco
         model.fit(dataset)
     return model, dataset
 
-
+# %% ../nbs/04_experiment.ipynb #4e370f9d
 def fit_final(name: str, params: dict[str, Any], data: RecoData) -> ModelBase:
     "Model `name` fitted on all of `data`, for the serving export."
     module = model_module(name)
@@ -196,7 +196,7 @@ def fit_final(name: str, params: dict[str, Any], data: RecoData) -> ModelBase:
         return module.fit_final(params, data)
     return make_model(name, params).fit(module.prepare(data.dataset, params))
 
-
+# %% ../nbs/04_experiment.ipynb #72f27f3a
 def evaluate_folds(
     run: Run, folds: list[Fold], fit: Callable[[Fold, Run], tuple[ModelBase, Dataset]], *, test: bool = True
 ) -> pd.DataFrame:
@@ -222,18 +222,18 @@ def evaluate_folds(
         run.log_artifact(path, "eval")
     return summarize(run.per_fold)
 
-
+# %% ../nbs/04_experiment.ipynb #0837e5d7
 def log_final_model(run: Run, model: ModelBase) -> float:
     "Log the model fitted on all data as the run's artifact; its size in MB."
     return run.log_model(model)
 
-# %% ../nbs/04_experiment.ipynb #ce7dd55c
+# %% ../nbs/04_experiment.ipynb #0d7b1fff
 def data_checksum(data: RecoData) -> str:
     "sha256 of the interactions (user, item, time), to tie a run or an export to the data it was computed from."
     frame = data.interactions[[Columns.User, Columns.Item, Columns.Datetime]]
     return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()
 
-
+# %% ../nbs/04_experiment.ipynb #9480fbc2
 def dataset_source(name: str) -> dict[str, str]:
     "Where a dataset comes from, for the run's input: the package that ships ML-100k, the Kion folder, the generator."
     kind, _, arg = name.partition(":")
@@ -248,7 +248,7 @@ def dataset_source(name: str) -> dict[str, str]:
         return {"uri": str(Path(arg).expanduser().resolve()), "origin": "MTS Kion files"}
     return {"uri": f"reco_lab.data.make_synthetic({arg})", "origin": "generated"}
 
-
+# %% ../nbs/04_experiment.ipynb #a277924a
 def log_data(run: Run, data: RecoData, protocol: str, folds: list[Fold]) -> None:
     "Log the run's data as an MLflow input: name, digest (data checksum), source, schema, size; the folds as context."
     from mlflow.entities import Dataset as MlflowDataset
@@ -282,7 +282,7 @@ def log_data(run: Run, data: RecoData, protocol: str, folds: list[Fold]) -> None
     context = f"{protocol}, {len(folds)} folds with validation, split {split_id(folds)}"
     run.client.log_inputs(run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-
+# %% ../nbs/04_experiment.ipynb #5c0a655d
 def run_experiment(
     name: str,
     params: dict[str, Any],
@@ -326,7 +326,7 @@ def run_experiment(
     )
     return run, table, final
 
-# %% ../nbs/04_experiment.ipynb #4e3f242c
+# %% ../nbs/04_experiment.ipynb #bf4ce3e1
 def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
     "User and item factors whose dot product is the model's score (ALS, LightFM with biases), or None."
     from rectools.models import ImplicitALSWrapperModel, LightFMWrapperModel
@@ -339,7 +339,7 @@ def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.n
         return None
     return np.ascontiguousarray(users, dtype=np.float32), np.ascontiguousarray(items, dtype=np.float32)
 
-
+# %% ../nbs/04_experiment.ipynb #d5416d27
 def topk_items(
     model: ModelBase,
     dataset: Dataset,

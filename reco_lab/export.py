@@ -36,19 +36,19 @@ def models_dir() -> Path:
     return Path(os.environ.get("RECO_LAB_MODELS_DIR") or project_root() / "models").expanduser()
 
 
-# %% ../nbs/20_export.ipynb #41343b77
+# %% ../nbs/20_export.ipynb #c02d5d11
 def _id_dtype(values: np.ndarray) -> np.dtype:
     return (
         np.dtype(np.int32) if len(values) == 0 or (values.min() >= -1 and values.max() < 2**31) else np.dtype(np.int64)
     )
 
-
+# %% ../nbs/20_export.ipynb #b1d3a87a
 def _readable_by_all(folder: Path) -> None:
     "Folders 0755 and files 0644 under `folder` (itself included), whatever the umask was."
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
-
+# %% ../nbs/20_export.ipynb #b0098cd1
 def write_export(
     folder: str | Path,
     *,
@@ -122,7 +122,7 @@ def write_export(
         raise
     return folder
 
-# %% ../nbs/20_export.ipynb #2cd56d7b
+# %% ../nbs/20_export.ipynb #10021ab5
 @dataclass(repr=False)
 class Export:
     "A verified, memory-mapped serving export."
@@ -159,7 +159,7 @@ class Export:
             items += [i for i in self.popular.tolist() if i not in exclude][: k - len(items)]
         return items
 
-
+# %% ../nbs/20_export.ipynb #e050cef9
 def _read_manifest(folder: Path) -> tuple[dict, dict, dict]:
     "The manifest, its `files` and its `models`, checked for the shape `load_export` relies on."
     path = folder / "manifest.json"
@@ -206,7 +206,7 @@ def _read_manifest(folder: Path) -> tuple[dict, dict, dict]:
             )
     return manifest, files, models
 
-
+# %% ../nbs/20_export.ipynb #f315ffcc
 def _load_array(folder: Path, rel: str, expected: dict, verify: bool, mmap: bool) -> np.ndarray:
     path = folder / rel
     if not path.is_file():
@@ -231,7 +231,7 @@ def _load_array(folder: Path, rel: str, expected: dict, verify: bool, mmap: bool
     # a plain ndarray view keeps the mapping but drops np.memmap's per-slice overhead (about half of a lookup)
     return array.view(np.ndarray) if mmap else array
 
-
+# %% ../nbs/20_export.ipynb #3d5802af
 def load_export(folder: str | Path | None = None, *, verify: bool = True, mmap: bool = True) -> Export:
     "Open and verify a serving export; ExportError naming the file if anything is missing, corrupt or inconsistent."
     folder = Path(folder or models_dir())

@@ -51,7 +51,7 @@ class ExportModel(mlflow.pyfunc.PythonModel):
             {"user_id": users, "items": [self.export.recommend(self.model, int(u), self.k) for u in users]}
         )
 
-# %% ../nbs/22_registry.ipynb #64fb29d5
+# %% ../nbs/22_registry.ipynb #5d3d4e4a
 PIP_PACKAGES = ("mlflow", "numpy", "pandas", "threadpoolctl", "platformdirs")
 
 
@@ -59,7 +59,7 @@ def pip_requirements() -> list[str]:
     "What loading the model needs: the installed versions of its imports, and reco_lab from this repository."
     return [f"{name}=={version(name)}" for name in PIP_PACKAGES] + [f"reco_lab=={version('reco_lab')}"]
 
-
+# %% ../nbs/22_registry.ipynb #d3f22725
 def _link_or_copy(src: str, dst: str) -> None:
     "A hard link where the filesystem allows one (no copy of a large export), else a copy."
     try:
@@ -67,7 +67,7 @@ def _link_or_copy(src: str, dst: str) -> None:
     except OSError:
         shutil.copy2(src, dst)
 
-
+# %% ../nbs/22_registry.ipynb #965d3c2f
 def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: int = 10) -> Path:
     "Write an MLflow pyfunc model serving `model` from the export in `export_dir` into the new folder `path`."
     export = load_export(export_dir)
@@ -91,7 +91,7 @@ def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: i
         raise ExportError(f"{path}: MLflow did not copy the export into artifacts/export")
     return Path(path)
 
-
+# %% ../nbs/22_registry.ipynb #1c7295b7
 def log_export_model(
     client, run_id: str, export_dir: str | Path, model: str, artifact_path: str = "model", k: int = 10
 ) -> str:
@@ -101,7 +101,7 @@ def log_export_model(
         client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path)
     return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
-# %% ../nbs/22_registry.ipynb #d24628dd
+# %% ../nbs/22_registry.ipynb #2cf5821e
 @contextmanager
 def quiet_downloads():
     "No MLflow progress bars (stderr lines among the service's JSON logs) for the duration of the block."
@@ -115,7 +115,7 @@ def quiet_downloads():
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
 
-
+# %% ../nbs/22_registry.ipynb #f3cd881f
 def resolve_model_uri(uri: str, store: str) -> str:
     "The artifact location behind `models:/<name>@<alias>` or `models:/<name>/<version>` in the registry of `store`."
     from mlflow import MlflowClient
@@ -129,7 +129,7 @@ def resolve_model_uri(uri: str, store: str) -> str:
         version = rest.split("/", 1)[0]
     return client.get_model_version_download_uri(name, version)
 
-
+# %% ../nbs/22_registry.ipynb #acf92492
 def download_export(uri: str, cache_dir: str | Path, tracking: str | None = None) -> Path:
     "Download the MLflow model at `uri` (`models:/` resolved in `tracking`, default reco_lab's store) into `cache_dir`; its verified export."
     from mlflow.exceptions import MlflowException

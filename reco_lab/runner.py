@@ -42,7 +42,7 @@ from reco_lab.tracking import (
     tracking_uri,
 )
 
-# %% ../nbs/51_runner.ipynb #320a3c02
+# %% ../nbs/51_runner.ipynb #cc224218
 @dataclass
 class Job:
     "One notebook execution of the study."
@@ -71,15 +71,15 @@ STUDY = [
     Job("champion", "23_select_champion"),
 ]
 
-
+# %% ../nbs/51_runner.ipynb #971482d9
 class StudyFailed(RuntimeError):
     "A notebook of the study raised; the message has the notebook, the cell, the error and the executed copy's path."
 
-
+# %% ../nbs/51_runner.ipynb #1eae1fc9
 def nbs_dir() -> Path:
     return project_root() / "nbs"
 
-# %% ../nbs/51_runner.ipynb #a7d92255
+# %% ../nbs/51_runner.ipynb #730fd687
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
     "`['factors=32,64']` -> `{'factors': [32, 64]}`."
     grid = {}
@@ -98,7 +98,7 @@ def parse_grid(specs: list[str]) -> dict[str, list[Any]]:
         grid[key.strip()] = parsed
     return grid
 
-
+# %% ../nbs/51_runner.ipynb #9230343d
 def parse_only(specs: list[str] | None) -> list[str] | None:
     "`['knn,als', 'ranker']` -> `['knn', 'als', 'ranker']`; None without `--only`; ValueError if it names nothing."
     if not specs:
@@ -108,7 +108,7 @@ def parse_only(specs: list[str] | None) -> list[str] | None:
         raise ValueError(f"--only {','.join(specs)!r} names no job: jobs are {', '.join(j.name for j in STUDY)}")
     return names
 
-
+# %% ../nbs/51_runner.ipynb #0d2dd26b
 @functools.cache
 def declared_parameters(notebook: str) -> dict[str, Any]:
     "Names and default values of the notebook's `parameters` cell (read once per process)."
@@ -123,7 +123,7 @@ def declared_parameters(notebook: str) -> dict[str, Any]:
             defaults[name] = info["default"]
     return defaults
 
-
+# %% ../nbs/51_runner.ipynb #915de5ca
 def parameter_type(job: Job, key: str) -> type | None:
     "The type `key` takes in `job`: its default's in the parameters cell, else the model's `DEFAULTS`' (None: any)."
     default = declared_parameters(job.notebook).get(key)
@@ -134,7 +134,7 @@ def parameter_type(job: Job, key: str) -> type | None:
             default = model_module(job.model).DEFAULTS.get(job.model, {}).get(key)
     return None if default is None else type(default)
 
-
+# %% ../nbs/51_runner.ipynb #da1515ff
 def checked_value(job: Job, key: str, value: Any) -> Any:
     "`value` as the type `key` takes in `job`; ValueError naming the parameter, the value and the type otherwise."
     kind = parameter_type(job, key)
@@ -146,7 +146,7 @@ def checked_value(job: Job, key: str, value: Any) -> Any:
         return str(value)
     raise ValueError(f"--grid {key}={value!r}: {job.notebook} ({job.name}) takes {kind.__name__} values for {key}")
 
-
+# %% ../nbs/51_runner.ipynb #f26933b2
 def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None, jobs: list[Job] = STUDY) -> list[Job]:
     "The jobs to run: the study filtered by `only`, each expanded over the grid keys its notebook declares (values checked)."
     selected = [j for j in jobs if not only or j.name in only or j.notebook in only]
@@ -167,7 +167,7 @@ def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None
         raise ValueError(f"--grid {', '.join(sorted(unused))}: no selected notebook has such a parameter")
     return expanded
 
-# %% ../nbs/51_runner.ipynb #b7b81582
+# %% ../nbs/51_runner.ipynb #9a6474bc
 def render_html(notebook: Path) -> Path:
     "An HTML rendering of an executed notebook, next to it."
     from nbconvert import HTMLExporter
@@ -177,7 +177,7 @@ def render_html(notebook: Path) -> Path:
     target.write_text(body, encoding="utf-8")
     return target
 
-
+# %% ../nbs/51_runner.ipynb #1af57a9f
 def execute_job(job: Job, out: Path, index: int, params: dict[str, Any]) -> Path:
     "Execute one job's notebook with papermill into `out`; StudyFailed with the notebook's error if it raises."
     import papermill as pm
@@ -209,7 +209,7 @@ def execute_job(job: Job, out: Path, index: int, params: dict[str, Any]) -> Path
     render_html(target)
     return target
 
-
+# %% ../nbs/51_runner.ipynb #3fbcbcfd
 def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int:
     "Log an executed notebook's HTML (`notebook/<name>.html`) to the study's runs it made (`notebook` None: to all of them)."
     client = check_tracking()
@@ -223,7 +223,7 @@ def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int
             count += 1
     return count
 
-
+# %% ../nbs/51_runner.ipynb #d779a707
 @dataclass
 class Study:
     "What a study run produced."
@@ -238,7 +238,7 @@ class Study:
     quick: bool = False
     full: bool = True  # the whole study, not quick: the only kind that writes the committed reports
 
-
+# %% ../nbs/51_runner.ipynb #1193ceab
 def writable_dir(path: Path, what: str) -> Path:
     "Create `path` if needed and check a file can be written in it; ValueError naming the folder otherwise."
     try:
@@ -249,7 +249,7 @@ def writable_dir(path: Path, what: str) -> Path:
         raise ValueError(f"{what} {path} cannot be written: {e.strerror or e}") from None
     return path
 
-
+# %% ../nbs/51_runner.ipynb #d987a710
 def study_dirs(
     study_id: str,
     *,
@@ -269,7 +269,7 @@ def study_dirs(
         reports = project_root() / "reports" / ("" if protocol == default else protocol)
     return out, reports
 
-
+# %% ../nbs/51_runner.ipynb #024affa3
 def run_study(
     dataset: str = "ml-100k",
     *,
@@ -320,7 +320,7 @@ def run_study(
         log(f"[{i}/{len(jobs)}] {job.label} done in {time.perf_counter() - t0:.0f} s")
     return Study(study_id, dataset, protocol, out, reports, done, time.perf_counter() - start, quick, full)
 
-# %% ../nbs/51_runner.ipynb #81a85d60
+# %% ../nbs/51_runner.ipynb #6394034e
 PROTOCOL_NOTES = {
     "last_n": "each user's last 10 interactions are the test; training holds everything else, so no user is trained on "
     "their own future, but other users' later interactions are in the training data (the leak share below)",
@@ -330,7 +330,7 @@ PROTOCOL_NOTES = {
     "following week; nothing from the future is seen",
 }
 
-
+# %% ../nbs/51_runner.ipynb #3a6acd30
 def study_runs(
     study_id: str | None = None, *, dataset: str | None = None, protocol: str | None = None, uri: str | None = None
 ) -> pd.DataFrame:
@@ -350,13 +350,13 @@ def study_runs(
         study_id = full.sort_values("start_time")["tags.study_id"].iloc[-1]
     return rank_runs(runs[runs["tags.study_id"] == study_id])
 
-
+# %% ../nbs/51_runner.ipynb #d838682f
 def fold_values(run_id: str, metric: str = "map_at_10", uri: str | None = None) -> list[float]:
     "A run's per-fold values of `metric`, fold 0 first."
     history = MlflowClient(uri or tracking_uri()).get_metric_history(run_id, f"{metric}_by_fold")
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
-
+# %% ../nbs/51_runner.ipynb #0284e7d1
 def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str | None = None) -> pd.DataFrame:
     "One row per run, best validation MAP@10 first: validation and test MAP@10, per fold, the CI vs the champion, the rest."
     rows = []
@@ -384,7 +384,7 @@ def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str
         rows.append(row)
     return pd.DataFrame(rows)
 
-
+# %% ../nbs/51_runner.ipynb #1fcb6e35
 def champion_run_id(dataset: str, protocol: str, uri: str | None = None) -> str | None:
     "Run id behind the registry alias of `dataset` and `protocol` (`reco_lab@champion` for the default), if registered."
     from reco_lab.evaluation import default_protocol
@@ -431,7 +431,7 @@ def plot_als_curves(run_id: str, path: str | Path | None = None):
         plt.close(fig)
     return fig
 
-# %% ../nbs/51_runner.ipynb #2489f42d
+# %% ../nbs/51_runner.ipynb #11ca5e0d
 def display_uri(uri: str) -> str:
     "A tracking URI as a reader of the reports should see it: the embedded store relative to the repository."
     if uri.startswith("sqlite:///"):
@@ -440,7 +440,7 @@ def display_uri(uri: str) -> str:
             return f"sqlite:///{path.relative_to(project_root())} (embedded)"
     return uri
 
-
+# %% ../nbs/51_runner.ipynb #46e4f3fe
 def write_reports(
     study: Study | None = None,
     dataset: str = "ml-100k",
@@ -522,7 +522,7 @@ def write_reports(
     _write_index(reports, board)
     return reports / "leaderboard.md"
 
-
+# %% ../nbs/51_runner.ipynb #1f86041c
 def _write_index(reports: Path, board: pd.DataFrame) -> None:
     pages = sorted((reports / "html").glob("*.html")) if (reports / "html").is_dir() else []
     links = "\n".join(f'<li><a href="html/{p.name}">{html.escape(p.stem)}</a></li>' for p in pages)
@@ -542,7 +542,7 @@ def _write_index(reports: Path, board: pd.DataFrame) -> None:
         encoding="utf-8",
     )
 
-# %% ../nbs/51_runner.ipynb #f5000322
+# %% ../nbs/51_runner.ipynb #7df11efb
 def results_markdown(
     reports_dir: str | Path | None = None,
     columns: tuple[str, ...] = (
@@ -562,7 +562,7 @@ def results_markdown(
     board = pd.read_csv(path, dtype=str).fillna("")
     return board[[c for c in columns if c in board]].to_markdown(index=False, disable_numparse=True)
 
-
+# %% ../nbs/51_runner.ipynb #42aae31f
 def comparison_markdown(before: str | Path, after: str | Path, labels: tuple[str, str] = ("defaults", "tuned")) -> str:
     "Each model's validation and test MAP@10 in two committed leaderboards side by side (e.g. defaults against tuned)."
     frames = [pd.read_csv(Path(d) / "leaderboard.csv", dtype=str).fillna("") for d in (before, after)]

@@ -38,7 +38,7 @@ from .core import project_root
 
 from .core import free_port  # noqa: F401  (also used by the tests through this module)
 
-# %% ../nbs/50_stack.ipynb #7fac13c5
+# %% ../nbs/50_stack.ipynb #3b5a2b27
 DEFAULT_PORT = 5000  # MLflow's own default, and the port docker-compose.yml publishes
 DEFAULT_BUCKET = "mlflow"
 PG_USER = "postgres"  # the OS account that owns the data dir when we run as root (initdb refuses root)
@@ -48,19 +48,19 @@ DB_NAME = DB_USER = "mlflow"
 class StackError(RuntimeError):
     "A piece of the tracking stack could not be started or stopped; the message says which and what to do."
 
-
+# %% ../nbs/50_stack.ipynb #40e3f292
 def stack_dir() -> Path:
     "Where the stack keeps its state: `RECO_LAB_STACK_DIR`, else `.stack/` in the repository."
     return Path(os.environ.get("RECO_LAB_STACK_DIR") or project_root() / ".stack").expanduser().resolve()
 
-
+# %% ../nbs/50_stack.ipynb #6c0deb75
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     "True when something accepts connections on `host:port`."
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
 
-# %% ../nbs/50_stack.ipynb #63afb18b
+# %% ../nbs/50_stack.ipynb #d18e3b16
 @dataclass
 class Stack:
     "The ports, credentials and processes of one local tracking stack."
@@ -120,7 +120,7 @@ class Stack:
         data = json.loads(path.read_text())
         return cls(**{**data, "dir": Path(data["dir"])})
 
-
+# %% ../nbs/50_stack.ipynb #a6ad8bbc
 def process(stack: Stack, name: str) -> psutil.Process | None:
     "The running process recorded as `name`, or None when it has exited (or its pid now belongs to another)."
     if name not in stack.procs:
@@ -134,12 +134,12 @@ def process(stack: Stack, name: str) -> psutil.Process | None:
     except psutil.Error:
         return None
 
-
+# %% ../nbs/50_stack.ipynb #4fb225a4
 def remember(stack: Stack, name: str, pid: int) -> None:
     "Record process `pid` as the stack's `name`."
     stack.procs[name] = [pid, psutil.Process(pid).create_time()]
 
-# %% ../nbs/50_stack.ipynb #17c897cc
+# %% ../nbs/50_stack.ipynb #cf3a0892
 def kill_tree(proc: psutil.Process, timeout: float = 10.0) -> None:
     "Stop `proc`, its process group and all its descendants: SIGTERM, then SIGKILL after `timeout` seconds."
     try:
@@ -170,7 +170,7 @@ def kill_tree(proc: psutil.Process, timeout: float = 10.0) -> None:
     except ChildProcessError:
         pass
 
-
+# %% ../nbs/50_stack.ipynb #2413ddce
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     "Start `cmd` in a new session with stdout and stderr appended to `log`."
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
             start_new_session=True,
         )
 
-
+# %% ../nbs/50_stack.ipynb #5d7a27af
 def log_tail(path: Path, lines: int = 15) -> str:
     "The last lines of a log file, for error messages."
     try:
@@ -192,7 +192,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
 
-# %% ../nbs/50_stack.ipynb #a44016ff
+# %% ../nbs/50_stack.ipynb #460f6ac3
 def postgres_bin() -> Path:
     "The folder with `initdb`, `pg_ctl` and `postgres`: RECO_LAB_PG_BIN, else the newest installed PostgreSQL."
     if env := os.environ.get("RECO_LAB_PG_BIN"):
@@ -209,12 +209,12 @@ def postgres_bin() -> Path:
         "on PATH: install them (`apt-get install -y postgresql`) or set RECO_LAB_PG_BIN"
     )
 
-
+# %% ../nbs/50_stack.ipynb #81ea8ae3
 def as_pg_user(cmd: list[str]) -> list[str]:
     "`cmd` run as the `postgres` account when we are root (initdb and postgres refuse root), else as is."
     return ["runuser", "-u", PG_USER, "--", *cmd] if os.geteuid() == 0 else cmd
 
-
+# %% ../nbs/50_stack.ipynb #b4b8fda7
 def pg_can_enter(folder: Path) -> bool:
     "True when the account PostgreSQL runs as may create files in `folder`."
     if os.geteuid() != 0:
@@ -222,7 +222,7 @@ def pg_can_enter(folder: Path) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     return subprocess.run(as_pg_user(["test", "-w", str(folder), "-a", "-x", str(folder)])).returncode == 0
 
-
+# %% ../nbs/50_stack.ipynb #a1bf3818
 def pg_root_for(folder: Path) -> Path:
     "Where PostgreSQL's files go for a stack in `folder`: `folder/postgres`, or a temp folder the server's user can reach."
     root = folder / "postgres"
@@ -235,7 +235,7 @@ def pg_root_for(folder: Path) -> Path:
     os.chmod(root, 0o700)
     return root
 
-# %% ../nbs/50_stack.ipynb #782c897e
+# %% ../nbs/50_stack.ipynb #63d8f9e3
 def _pg(stack: Stack, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = as_pg_user([str(postgres_bin() / args[0]), *args[1:]])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -246,7 +246,7 @@ def _pg(stack: Stack, *args: str, check: bool = True, timeout: float = 120) -> s
         )
     return done
 
-
+# %% ../nbs/50_stack.ipynb #576997d9
 def connect(stack: Stack, dbname: str = DB_NAME, timeout: int = 5):
     "A psycopg2 connection to the stack's database."
     import psycopg2
@@ -260,7 +260,7 @@ def connect(stack: Stack, dbname: str = DB_NAME, timeout: int = 5):
         connect_timeout=timeout,
     )
 
-
+# %% ../nbs/50_stack.ipynb #dbc0feac
 def start_postgres(stack: Stack) -> None:
     "Create the cluster on first use, start the server and create the `mlflow` database."
     if not stack.pg_root or not Path(stack.pg_root).is_dir():
@@ -306,7 +306,7 @@ def start_postgres(stack: Stack) -> None:
     finally:
         conn.close()
 
-
+# %% ../nbs/50_stack.ipynb #50348575
 def stop_postgres(stack: Stack, mode: str = "fast") -> None:
     "Stop the server (`pg_ctl stop -m fast`: open sessions are cut, committed data stays)."
     proc = process(stack, "postgres")
@@ -319,19 +319,19 @@ def stop_postgres(stack: Stack, mode: str = "fast") -> None:
         kill_tree(proc)
     stack.procs.pop("postgres", None)
 
-# %% ../nbs/50_stack.ipynb #ddd65d8c
+# %% ../nbs/50_stack.ipynb #2178f73c
 def tool(name: str) -> str:
     "A console script of this Python environment (beside the interpreter), else from PATH."
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else shutil.which(name) or name
 
-
+# %% ../nbs/50_stack.ipynb #e7a92429
 def _exited(proc: psutil.Process | subprocess.Popen | None) -> bool:
     return proc is not None and (
         proc.poll() is not None if isinstance(proc, subprocess.Popen) else not proc.is_running()
     )
 
-
+# %% ../nbs/50_stack.ipynb #6cf83a2f
 def wait_http(
     url: str,
     timeout: float,
@@ -354,7 +354,7 @@ def wait_http(
             raise StackError(f"{what} {why}; its log {log}:\n{log_tail(log) if log else ''}")
         time.sleep(0.3)
 
-
+# %% ../nbs/50_stack.ipynb #9cb47269
 def s3_client(stack: Stack):
     "A boto3 S3 client for the stack's endpoint, with short timeouts."
     import boto3
@@ -372,7 +372,7 @@ def s3_client(stack: Stack):
 
 S3_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}  # error codes of wrong keys
 
-
+# %% ../nbs/50_stack.ipynb #b5d4994a
 def ensure_bucket(
     stack: Stack, timeout: float = 10, proc: psutil.Process | subprocess.Popen | None = None, log: Path | None = None
 ) -> None:
@@ -403,7 +403,7 @@ def ensure_bucket(
                 ) from None
             time.sleep(0.3)
 
-# %% ../nbs/50_stack.ipynb #5303903f
+# %% ../nbs/50_stack.ipynb #bc5f84bf
 SEAWEEDFS_PORTS = (
     "master.port",
     "master.port.grpc",
@@ -414,7 +414,7 @@ SEAWEEDFS_PORTS = (
     "s3.port.grpc",
 )  # weed server's flags for the ports besides -s3.port
 
-
+# %% ../nbs/50_stack.ipynb #f99ea518
 def free_ports(n: int, taken: Iterable[int] = ()) -> list[int]:
     "`n` distinct free loopback ports, none of them in `taken`."
     ports, taken = [], set(taken)
@@ -424,7 +424,7 @@ def free_ports(n: int, taken: Iterable[int] = ()) -> list[int]:
             taken.add(port)
     return ports
 
-
+# %% ../nbs/50_stack.ipynb #dec5a673
 def weed_command(stack: Stack) -> list[str]:
     "`weed server`: master, volume server, filer and S3 gateway on loopback, data in `<dir>/seaweedfs/`."
     return [
@@ -445,13 +445,13 @@ def weed_command(stack: Stack) -> list[str]:
         "-volume.preStopSeconds=0",
     ]
 
-
+# %% ../nbs/50_stack.ipynb #c1317cf6
 def bucket_keys(stack: Stack) -> list[str]:
     "Every object key in the stack's bucket."
     pages = s3_client(stack).get_paginator("list_objects_v2").paginate(Bucket=stack.bucket)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
-
+# %% ../nbs/50_stack.ipynb #1e20ddab
 def import_saved_bucket(stack: Stack) -> int:
     "Upload `<dir>/s3/<bucket>/`, where `down` saved the bucket when the local S3 was moto, then delete it."
     source = stack.dir / "s3" / stack.bucket
@@ -466,7 +466,7 @@ def import_saved_bucket(stack: Stack) -> int:
         source.parent.rmdir()
     return len(files)
 
-
+# %% ../nbs/50_stack.ipynb #46ba5862
 def start_s3(stack: Stack, timeout: float = 60) -> None:
     "Start SeaweedFS (unless the endpoint is external), create the bucket and wait until it serves what it holds."
     if stack.external_s3:
@@ -494,7 +494,7 @@ def start_s3(stack: Stack, timeout: float = 60) -> None:
     ensure_bucket(stack, timeout, proc, log)
     import_saved_bucket(stack)
 
-
+# %% ../nbs/50_stack.ipynb #13258d5b
 def stop_s3(stack: Stack, grace: float = 20) -> None:
     "Stop SeaweedFS (SIGTERM, SIGKILL after `grace` seconds); its data stays on disk. An external endpoint is left alone."
     if (proc := process(stack, "s3")) is not None:
@@ -504,7 +504,7 @@ def stop_s3(stack: Stack, grace: float = 20) -> None:
                 sock.unlink(missing_ok=True)
     stack.procs.pop("s3", None)
 
-# %% ../nbs/50_stack.ipynb #3e991ab5
+# %% ../nbs/50_stack.ipynb #74b01cd1
 def mlflow_config(stack: Stack) -> str:
     "Everything `mlflow server` is started with; when it changes, `up` restarts the server."
     return json.dumps(
@@ -520,7 +520,7 @@ def mlflow_config(stack: Stack) -> str:
         ]
     )
 
-
+# %% ../nbs/50_stack.ipynb #e85b8951
 def start_mlflow(stack: Stack, timeout: float = 240) -> None:
     "Start `mlflow server` on the stack's database and bucket and wait for its /health."
     if port_in_use(stack.mlflow_port, stack.tracking_uri.split("//")[1].rsplit(":", 1)[0]):
@@ -553,7 +553,7 @@ def start_mlflow(stack: Stack, timeout: float = 240) -> None:
     stack.mlflow_config = mlflow_config(stack)
     wait_http(f"{stack.tracking_uri}/health", timeout, proc, log, what="mlflow server")
 
-
+# %% ../nbs/50_stack.ipynb #765cc89e
 def stop_mlflow(stack: Stack) -> None:
     "Stop `mlflow server` and its workers."
     if (proc := process(stack, "mlflow")) is not None:
@@ -561,7 +561,7 @@ def stop_mlflow(stack: Stack) -> None:
     stack.procs.pop("mlflow", None)
     stack.mlflow_config = ""
 
-# %% ../nbs/50_stack.ipynb #f587ca08
+# %% ../nbs/50_stack.ipynb #56b4cfe5
 @contextmanager
 def locked(folder: Path) -> Iterator[None]:
     "Hold the stack folder's lock file (one `up`/`down` at a time)."
@@ -573,7 +573,7 @@ def locked(folder: Path) -> Iterator[None]:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
+# %% ../nbs/50_stack.ipynb #d35e0d2f
 def healthy(stack: Stack, name: str) -> bool:
     "True when piece `name` (postgres, s3, mlflow) runs and answers."
     if process(stack, name) is None and not (name == "s3" and stack.external_s3):
@@ -590,7 +590,7 @@ def healthy(stack: Stack, name: str) -> bool:
     except Exception:
         return False
 
-
+# %% ../nbs/50_stack.ipynb #c506d2d0
 def stack_up(
     folder: str | Path | None = None,
     *,
@@ -652,7 +652,7 @@ def stack_up(
             stack.save()
         return stack
 
-
+# %% ../nbs/50_stack.ipynb #12997838
 def stack_down(folder: str | Path | None = None, *, purge: bool = False) -> Stack | None:
     "Stop every process of the stack in `folder` (data kept unless `purge`); the stack, or None if there was none."
     folder = Path(folder or stack_dir()).expanduser().resolve()
@@ -674,7 +674,7 @@ def stack_down(folder: str | Path | None = None, *, purge: bool = False) -> Stac
         shutil.rmtree(folder, ignore_errors=True)
     return stack
 
-
+# %% ../nbs/50_stack.ipynb #3c9ac0b4
 def stack_status(folder: str | Path | None = None) -> dict[str, dict]:
     "Each piece: what it is, its state (`running`, `not answering`, `stopped`, `external`), pid, address and data."
     stack = Stack.load(Path(folder or stack_dir()).expanduser().resolve())
@@ -712,7 +712,7 @@ def stack_status(folder: str | Path | None = None) -> dict[str, dict]:
         }
     return status
 
-# %% ../nbs/50_stack.ipynb #8e65209b
+# %% ../nbs/50_stack.ipynb #cb156c63
 def format_status(status: dict[str, dict]) -> str:
     "One line per piece: name, state, pid, what it is, address, data folder."
     return "\n".join(
@@ -721,7 +721,7 @@ def format_status(status: dict[str, dict]) -> str:
         for name, s in status.items()
     )
 
-
+# %% ../nbs/50_stack.ipynb #bc2e00e2
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab tracking up|down|status`."
     parser = argparse.ArgumentParser(

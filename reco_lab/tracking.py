@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from .core import MODELS, project_root
 
-# %% ../nbs/03_tracking.ipynb #c61d6643
+# %% ../nbs/03_tracking.ipynb #7428e3a1
 EXPERIMENTS = {"candidates": "candidates", "ranker": "ranker", "tuning": "tuning"}
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
@@ -42,22 +42,22 @@ BATCH = 1000  # MLflow's limit of metrics per log_batch call
 class TrackingUnavailable(RuntimeError):
     "The MLflow tracking store cannot be reached or written; raised before any training starts."
 
-
+# %% ../nbs/03_tracking.ipynb #b0c6bbfb
 def local_store(root: Path | None = None) -> Path:
     "The embedded store's folder: `mlruns/` in the repository."
     return (root or project_root()) / "mlruns"
 
-
+# %% ../nbs/03_tracking.ipynb #996880b1
 def tracking_uri() -> str:
     "`MLFLOW_TRACKING_URI`, or the embedded SQLite store in the repository."
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local_store() / 'mlflow.db'}"
 
-
+# %% ../nbs/03_tracking.ipynb #5a10584e
 def experiment_name(kind: str) -> str:
     "Experiment for `candidates`, `ranker` or `tuning` runs; `RECO_LAB_EXPERIMENT_<KIND>` overrides the name."
     return os.environ.get(f"RECO_LAB_EXPERIMENT_{kind.upper()}") or EXPERIMENTS.get(kind, kind)
 
-# %% ../nbs/03_tracking.ipynb #399b2bb3
+# %% ../nbs/03_tracking.ipynb #b49e8cf7
 def check_tracking(uri: str | None = None, timeout: float = 5.0) -> MlflowClient:
     "A client for `uri` once the store answers; TrackingUnavailable with the reason otherwise."
     uri = uri or tracking_uri()
@@ -87,7 +87,7 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0) -> MlflowClient
         ) from None
     return client
 
-
+# %% ../nbs/03_tracking.ipynb #a3078121
 def get_experiment_id(client: MlflowClient, name: str) -> str:
     "The id of experiment `name`, created on first use (artifacts beside the embedded store)."
     found = client.get_experiment_by_name(name)
@@ -101,14 +101,14 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
     except MlflowException:  # created meanwhile by a parallel run
         return client.get_experiment_by_name(name).experiment_id
 
-# %% ../nbs/03_tracking.ipynb #3a92c693
+# %% ../nbs/03_tracking.ipynb #2a574fc3
 def run_name(model: str, params: dict[str, Any], key_params: tuple[str, ...] = (), now: datetime | None = None) -> str:
     "`<model>_<key param values>-<timestamp>`, e.g. `als_64-20261126-101500`."
     keys = "_".join(str(params[k]) for k in key_params if k in params)
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"{model}_{keys}-{stamp}" if keys else f"{model}-{stamp}"
 
-
+# %% ../nbs/03_tracking.ipynb #49a4e171
 def git_state(root: Path | None = None) -> tuple[str, bool]:
     "The checkout's HEAD commit and whether tracked files have changes; (`unknown`, False) outside git."
     root = root or project_root()
@@ -127,7 +127,7 @@ def git_state(root: Path | None = None) -> tuple[str, bool]:
         return "unknown", False
     return head.stdout.strip(), bool(dirty.stdout.strip())
 
-
+# %% ../nbs/03_tracking.ipynb #0cadfc3c
 def source_tags(notebook: str | None) -> dict[str, str]:
     "MLflow's standard source tags: the git commit (and whether the checkout had changes), the source, the user."
     commit, dirty = git_state()
@@ -267,7 +267,7 @@ def tracked_run(
     active.curves.flush()
     client.set_terminated(run_id, "FINISHED")
 
-# %% ../nbs/03_tracking.ipynb #e310140a
+# %% ../nbs/03_tracking.ipynb #cf1b2821
 def runs_frame(runs) -> pd.DataFrame:
     "MLflow runs as a DataFrame with `mlflow.search_runs`' columns: run_id, artifact_uri, metrics.*, params.*, tags.*."
     rows = []
@@ -286,7 +286,7 @@ def runs_frame(runs) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-
+# %% ../nbs/03_tracking.ipynb #9f39ba01
 def search_runs(experiment: str = "candidates", *, uri: str | None = None, **tags: str | None) -> pd.DataFrame:
     "Finished runs of an experiment whose tags equal `tags` (None: any), oldest first (through the client: no global URI)."
     client = check_tracking(uri)
@@ -313,7 +313,7 @@ def search_runs(experiment: str = "candidates", *, uri: str | None = None, **tag
         if not token:
             return runs_frame(runs)
 
-# %% ../nbs/03_tracking.ipynb #3a153c2b
+# %% ../nbs/03_tracking.ipynb #a17227fc
 SELECTION_METRIC = "val_map_at_10"
 REGISTERED_MODEL = "reco_lab"  # the MLflow Model Registry entry of the served champion
 CHAMPION_ALIAS = "champion"
@@ -323,7 +323,7 @@ def champion_alias(protocol: str, default_protocol: str) -> str:
     "The registry alias of a protocol's champion: `champion` for the dataset's default protocol, else `champion_<protocol>`."
     return CHAMPION_ALIAS if protocol == default_protocol else f"{CHAMPION_ALIAS}_{protocol}"
 
-
+# %% ../nbs/03_tracking.ipynb #ddad2f21
 def comparable_runs(
     experiments: tuple[str, ...] = ("candidates", "ranker"),
     *,
@@ -341,7 +341,7 @@ def comparable_runs(
     frames = [f for f in (search_runs(e, uri=uri, **tags) for e in experiments) if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else runs_frame([])
 
-
+# %% ../nbs/03_tracking.ipynb #a552ba52
 def rank_runs(runs: pd.DataFrame, metric: str = SELECTION_METRIC) -> pd.DataFrame:
     "Runs with `metric`, best first; ties to the older run, then to the smaller run id."
     column = f"metrics.{metric}"

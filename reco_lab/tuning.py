@@ -23,7 +23,7 @@ from .evaluation import split_id
 from .experiment import config_path, evaluate_folds, fit_fold, model_module, resolve_params, setup, tuned_config
 from .tracking import SELECTION_METRIC, tracked_run
 
-# %% ../nbs/15_tuning.ipynb #7b48d94d
+# %% ../nbs/15_tuning.ipynb #3418fa54
 TUNABLE = ("knn", "als", "lightfm", "ease", "ranker")
 
 
@@ -39,7 +39,7 @@ def best_tuned_candidate(dataset: str) -> str:
         )
     return max(scores, key=scores.get)
 
-
+# %% ../nbs/15_tuning.ipynb #11e247cf
 def base_params(name: str, dataset: str, protocol: str, seed: int, first_stage: str | None = None) -> dict[str, Any]:
     "What a trial starts from: the resolved params (no curves: eval_every 0), and for the ranker its fixed first stage."
     import json
@@ -56,13 +56,13 @@ def base_params(name: str, dataset: str, protocol: str, seed: int, first_stage: 
         }
     return params
 
-
+# %% ../nbs/15_tuning.ipynb #df917d77
 def quick_params(params: dict[str, Any]) -> dict[str, Any]:
     "The same params with a quick study's caps: at most 4 epochs, 150 CatBoost iterations, 30 candidates."
     caps = {"epochs": 4, "iterations": 150, "n_candidates": 30}
     return {k: min(v, caps[k]) if k in caps else v for k, v in params.items()}
 
-# %% ../nbs/15_tuning.ipynb #c3350411
+# %% ../nbs/15_tuning.ipynb #af863fea
 @dataclass
 class Tuning:
     "The outcome of a search."
@@ -76,7 +76,7 @@ class Tuning:
     split: str
     study: optuna.Study
 
-
+# %% ../nbs/15_tuning.ipynb #abc6e9b2
 def tune(
     name: str,
     trials: int,
@@ -157,7 +157,7 @@ def tune(
     log(f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number + 1} of {trials}: {best.params}")
     return Tuning(name, parent.run_id, best.value, best_params, trials, protocol, split, study)
 
-
+# %% ../nbs/15_tuning.ipynb #253642dc
 def optuna_param(key: str, value: Any):
     "An MLflow Param (values as strings, like every param)."
     from mlflow.entities import Param

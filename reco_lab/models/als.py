@@ -20,7 +20,7 @@ from ..evaluation import Fold
 from ..experiment import interactions_only, param, score
 from ..tracking import Run
 
-# %% ../../nbs/11_als_epochs.ipynb #fd613709
+# %% ../../nbs/11_als_epochs.ipynb #2112c348
 DEFAULTS = {"als": {"factors": 64, "regularization": 0.05, "alpha": 5.0, "epochs": 15, "eval_every": 3, "seed": 42}}
 
 
@@ -38,12 +38,12 @@ def make_model(params: dict[str, Any]) -> ImplicitALSWrapperModel:
     )
     return ImplicitALSWrapperModel(inner)
 
-
+# %% ../../nbs/11_als_epochs.ipynb #0ce63620
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "ALS learns from interactions only."
     return interactions_only(dataset)
 
-
+# %% ../../nbs/11_als_epochs.ipynb #c3134be4
 def search_space(trial, model: str = "als") -> dict[str, Any]:
     "What `reco-lab tune` may try: factors, regularization, confidence weight alpha, epochs."
     return {
@@ -53,7 +53,7 @@ def search_space(trial, model: str = "als") -> dict[str, Any]:
         "epochs": trial.suggest_int("epochs", 2, 40),
     }
 
-# %% ../../nbs/11_als_epochs.ipynb #a3b8b839
+# %% ../../nbs/11_als_epochs.ipynb #6f582af9
 def fit_epochs(
     model: ImplicitALSWrapperModel,
     dataset: Dataset,
@@ -83,7 +83,7 @@ def fit_epochs(
     model.model.fit_callback = model._model.fit_callback = None  # a closure has no place in the pickled artifact
     return model
 
-
+# %% ../../nbs/11_als_epochs.ipynb #7d25b149
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[ImplicitALSWrapperModel, Dataset]:
     "Fit on `fold.train` (timed); on a validation split, log `loss_fold_<k>` and `val_map_at_10_fold_<k>` curves."
     train, model = prepare(fold.train, params), make_model(params)

@@ -17,7 +17,7 @@ from rectools.models.base import ModelBase
 
 from ..experiment import interactions_only, param
 
-# %% ../../nbs/10_baselines.ipynb #8e580e1a
+# %% ../../nbs/10_baselines.ipynb #d3b8c2ec
 KNN_WEIGHTINGS = ("cosine", "tfidf", "bm25")
 DEFAULTS = {
     "popular": {"popularity": "n_users"},
@@ -49,12 +49,12 @@ def make_model(params: dict[str, Any]) -> ModelBase:
         raise ValueError(f"unknown knn_weighting {weighting!r}: use one of {', '.join(KNN_WEIGHTINGS)}")
     return ImplicitItemKNNWrapperModel(inner)
 
-
+# %% ../../nbs/10_baselines.ipynb #c9d04a2c
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "Both baselines learn from interactions only."
     return interactions_only(dataset)
 
-
+# %% ../../nbs/10_baselines.ipynb #80885db4
 def search_space(trial, model: str) -> dict[str, Any]:
     "What `reco-lab tune` may try for kNN: the weighting, the number of neighbours and BM25's K1 and B."
     if model != "knn":

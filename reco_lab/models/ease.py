@@ -17,7 +17,7 @@ from rectools.models import EASEModel
 
 from ..experiment import interactions_only, param
 
-# %% ../../nbs/13_ease.ipynb #e8d23ba7
+# %% ../../nbs/13_ease.ipynb #de1cb041
 DEFAULTS = {"ease": {"regularization": 500.0}}
 
 
@@ -28,7 +28,7 @@ class EASE(EASEModel):
         super()._fit(dataset)
         self.weight = np.ascontiguousarray(self.weight.T)
 
-
+# %% ../../nbs/13_ease.ipynb #a094b9a5
 def make_model(params: dict[str, Any]) -> EASE:
     "EASE with L2 penalty `regularization`; top-k on 2 threads."
     regularization = param(params, "regularization", DEFAULTS["ease"]["regularization"])
@@ -36,12 +36,12 @@ def make_model(params: dict[str, Any]) -> EASE:
         raise ValueError(f"EASE regularization must be positive, got {regularization}")
     return EASE(regularization=regularization, recommend_n_threads=2, recommend_use_gpu_ranking=False)
 
-
+# %% ../../nbs/13_ease.ipynb #f8406ebe
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "EASE learns from interactions only."
     return interactions_only(dataset)
 
-
+# %% ../../nbs/13_ease.ipynb #bfed31c4
 def search_space(trial, model: str = "ease") -> dict[str, Any]:
     "What `reco-lab tune` may try: the L2 penalty, on a log scale."
     return {"regularization": trial.suggest_float("regularization", 1.0, 10_000.0, log=True)}

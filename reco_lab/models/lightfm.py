@@ -20,7 +20,7 @@ from ..evaluation import Fold
 from ..experiment import interactions_only, param, score
 from ..tracking import Run
 
-# %% ../../nbs/12_lightfm.ipynb #be1b4489
+# %% ../../nbs/12_lightfm.ipynb #85cbf331
 LOSSES = ("warp", "bpr", "logistic", "warp-kos")
 DEFAULTS = {
     "lightfm": {
@@ -37,7 +37,7 @@ DEFAULTS = {
     }
 }
 
-
+# %% ../../nbs/12_lightfm.ipynb #38d22d76
 def make_model(params: dict[str, Any]) -> LightFMWrapperModel:
     "LightFM in rectools' wrapper; one thread unless `num_threads` says otherwise (repeatable runs)."
     d = DEFAULTS["lightfm"]
@@ -56,12 +56,12 @@ def make_model(params: dict[str, Any]) -> LightFMWrapperModel:
         inner, epochs=param(params, "epochs", d["epochs"]), num_threads=param(params, "num_threads", d["num_threads"])
     )
 
-
+# %% ../../nbs/12_lightfm.ipynb #5b32da12
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "With `features` (default) the dataset as it is, otherwise ids only."
     return dataset if param(params, "features", True) else interactions_only(dataset)
 
-
+# %% ../../nbs/12_lightfm.ipynb #a7a7ea0e
 def search_space(trial, model: str = "lightfm") -> dict[str, Any]:
     "What `reco-lab tune` may try: embedding size, learning rate, L2 penalties, epochs, with or without features."
     return {
@@ -73,7 +73,7 @@ def search_space(trial, model: str = "lightfm") -> dict[str, Any]:
         "features": trial.suggest_categorical("features", [True, False]),
     }
 
-
+# %% ../../nbs/12_lightfm.ipynb #8f00dd5b
 def fit_epochs(
     model: LightFMWrapperModel,
     dataset: Dataset,
@@ -91,7 +91,7 @@ def fit_epochs(
             on_eval(epoch)
     return model
 
-
+# %% ../../nbs/12_lightfm.ipynb #9ab7a279
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[LightFMWrapperModel, Dataset]:
     "Fit on `fold.train` epoch by epoch (timed); on a validation split, log the `val_map_at_10_fold_<k>` curve."
     train, model = prepare(fold.train, params), make_model(params)

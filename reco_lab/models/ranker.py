@@ -32,11 +32,11 @@ from ..evaluation import Fold, make_splitter
 from ..experiment import make_model, param, topk_items, vector_factors
 from ..tracking import SELECTION_METRIC, Run, comparable_runs, rank_runs
 
-# %% ../../nbs/14_catboost_pointwise.ipynb #f0813dbd
+# %% ../../nbs/14_catboost_pointwise.ipynb #3f43779d
 class NoCandidateRuns(LookupError):
     "MLflow holds no finished candidate run to choose a first stage from."
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #3dc95991
 def choose_first_stage(
     dataset: str, protocol: str, split: str, *, quick: bool = False, study_id: str = "", uri: str | None = None
 ) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def choose_first_stage(
         SELECTION_METRIC: float(best[f"metrics.{SELECTION_METRIC}"]),
     }
 
-# %% ../../nbs/14_catboost_pointwise.ipynb #bb81140e
+# %% ../../nbs/14_catboost_pointwise.ipynb #9108d209
 DAY = pd.Timedelta(days=1)
 
 
@@ -95,7 +95,7 @@ class _Timeline:
         at = lambda i: np.where(has, self.keys[np.minimum(i, len(self.keys) - 1)] - base + self.t0, np.nan)  # noqa: E731
         return at(low), at(high - 1)
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #450d4bd7
 class RankerFeatures(CandidateFeatureCollector):
     "User, item and user-item features for candidate pairs, from the given dataset's interactions up to a reference time."
 
@@ -283,7 +283,7 @@ class FastCandidateGenerator(CandidateGenerator):
             frame[Columns.Rank] = np.tile(np.arange(1, items.shape[1] + 1), len(users))[keep.ravel()]
         return pd.DataFrame(frame)
 
-# %% ../../nbs/14_catboost_pointwise.ipynb #a9162ed4
+# %% ../../nbs/14_catboost_pointwise.ipynb #5e8ae681
 def _first_stage(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     "The first stage's model name and params, from a ranker's params (MLflow stores the params as JSON)."
     first_params = params.get("first_stage_params", {})
@@ -309,7 +309,7 @@ DEFAULTS = {
     }
 }
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #91604f54
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     "The ranker sees the data the way its first stage does (a ranker run's params carry `first_stage` and `first_stage_params`)."
     from reco_lab.experiment import prepare as prepare_model
@@ -317,7 +317,7 @@ def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
     name, first_params = _first_stage(params)
     return prepare_model(name, dataset, first_params)
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #d5a983fe
 def make_ranker(
     first_model: str, first_params: dict[str, Any], data: RecoData, protocol: str, params: dict[str, Any]
 ) -> CandidateRankingModel:
@@ -376,7 +376,7 @@ def make_ranker(
     sampler = PositiveUsersSampler(max_users=p("max_train_users"), random_state=p("seed"))
     return CandidateRankingModel(generators, label_split, reranker, sampler=sampler, feature_collector=features)
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #b76ea0c0
 def search_space(trial, model: str = "ranker") -> dict[str, Any]:
     "What `reco-lab tune` may try: CatBoost's depth, learning rate and L2 penalty, and the number of candidates."
     return {
@@ -386,7 +386,7 @@ def search_space(trial, model: str = "ranker") -> dict[str, Any]:
         "n_candidates": trial.suggest_categorical("n_candidates", [20, 30, 50, 100]),
     }
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #2bc1ac75
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tuple[CandidateRankingModel, Dataset]:
     "Fit the two-stage model on `fold.train` (timed), set to recommend as of the fold's cutoff; CatBoost curves of validation fits."
     first_model, first_params = _first_stage(params)
@@ -402,13 +402,13 @@ def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tu
         run.curves.log("best_iteration_by_fold", ranker.reranker.model.get_best_iteration(), fold.index)
     return ranker, train
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #fe74d9ef
 def fit_final(params: dict[str, Any], data: RecoData) -> CandidateRankingModel:
     "The two-stage model fitted on all of `data`, recommending as of the end of the data."
     first_model, first_params = _first_stage(params)
     return make_ranker(first_model, first_params, data, params["protocol"], params).fit(prepare(data.dataset, params))
 
-
+# %% ../../nbs/14_catboost_pointwise.ipynb #02dc6236
 def catboost_curves(ranker: CandidateRankingModel) -> dict[str, list[float]]:
     "CatBoost's per-iteration metrics as `learn_<metric>` / `eval_<metric>` (lower-case names)."
     curves = {}
