@@ -16,6 +16,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 from rectools.dataset import Dataset
 from rectools.models import ImplicitALSWrapperModel
 
+from ..core import n_threads
 from ..evaluation import Fold
 from ..experiment import interactions_only, param, score
 from ..tracking import Run
@@ -25,7 +26,7 @@ DEFAULTS = {"als": {"factors": 64, "regularization": 0.05, "alpha": 5.0, "epochs
 
 
 def make_model(params: dict[str, Any]) -> ImplicitALSWrapperModel:
-    "implicit ALS (CPU, single-threaded BLAS, 2 solver threads) in rectools' wrapper, reporting its loss."
+    "implicit ALS (CPU, single-threaded BLAS, `n_threads()` solver threads) in rectools' wrapper, reporting its loss."
     d = DEFAULTS["als"]
     inner = AlternatingLeastSquares(
         factors=param(params, "factors", d["factors"]),
@@ -34,7 +35,7 @@ def make_model(params: dict[str, Any]) -> ImplicitALSWrapperModel:
         iterations=param(params, "epochs", d["epochs"]),
         calculate_training_loss=True,
         random_state=param(params, "seed", d["seed"]),
-        num_threads=2,
+        num_threads=n_threads(),
     )
     return ImplicitALSWrapperModel(inner)
 

@@ -15,6 +15,7 @@ from rectools.dataset import Dataset
 from rectools.models import ImplicitItemKNNWrapperModel, PopularModel
 from rectools.models.base import ModelBase
 
+from ..core import n_threads
 from ..experiment import interactions_only, param
 
 # %% ../../nbs/10_baselines.ipynb #d3b8c2ec
@@ -38,12 +39,15 @@ def make_model(params: dict[str, Any]) -> ModelBase:
         param(params, "knn_neighbours", knn["knn_neighbours"]),
     )
     if weighting == "cosine":
-        inner = CosineRecommender(K=k, num_threads=2)
+        inner = CosineRecommender(K=k, num_threads=n_threads())
     elif weighting == "tfidf":
-        inner = TFIDFRecommender(K=k, num_threads=2)
+        inner = TFIDFRecommender(K=k, num_threads=n_threads())
     elif weighting == "bm25":
         inner = BM25Recommender(
-            K=k, K1=param(params, "bm25_k1", knn["bm25_k1"]), B=param(params, "bm25_b", knn["bm25_b"]), num_threads=2
+            K=k,
+            K1=param(params, "bm25_k1", knn["bm25_k1"]),
+            B=param(params, "bm25_b", knn["bm25_b"]),
+            num_threads=n_threads(),
         )
     else:
         raise ValueError(f"unknown knn_weighting {weighting!r}: use one of {', '.join(KNN_WEIGHTINGS)}")

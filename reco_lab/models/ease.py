@@ -15,6 +15,7 @@ import numpy as np
 from rectools.dataset import Dataset
 from rectools.models import EASEModel
 
+from ..core import n_threads
 from ..experiment import interactions_only, param
 
 # %% ../../nbs/13_ease.ipynb #de1cb041
@@ -30,11 +31,11 @@ class EASE(EASEModel):
 
 # %% ../../nbs/13_ease.ipynb #a094b9a5
 def make_model(params: dict[str, Any]) -> EASE:
-    "EASE with L2 penalty `regularization`; top-k on 2 threads."
+    "EASE with L2 penalty `regularization`; top-k on `n_threads()` threads."
     regularization = param(params, "regularization", DEFAULTS["ease"]["regularization"])
     if regularization <= 0:
         raise ValueError(f"EASE regularization must be positive, got {regularization}")
-    return EASE(regularization=regularization, recommend_n_threads=2, recommend_use_gpu_ranking=False)
+    return EASE(regularization=regularization, recommend_n_threads=n_threads(), recommend_use_gpu_ranking=False)
 
 # %% ../../nbs/13_ease.ipynb #f8406ebe
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:

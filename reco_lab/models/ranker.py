@@ -27,6 +27,7 @@ from rectools.models.ranking import (
 )
 from rectools.models.ranking.candidate_ranking import NegativeSamplerBase
 
+from ..core import n_threads
 from ..data import RecoData
 from ..evaluation import Fold, make_splitter
 from ..experiment import make_model, param, topk_items, vector_factors
@@ -366,7 +367,7 @@ def make_ranker(
         custom_metric=["Logloss", "AUC"],
         early_stopping_rounds=p("early_stopping_rounds"),
         random_seed=p("seed"),
-        thread_count=2,
+        thread_count=n_threads(),
         allow_writing_files=False,
     )
     reranker = EvalSetCatBoostReranker(
