@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from rectools.models.base import ModelBase
 
 from .data import RecoData
-from .evaluation import paired_bootstrap
+from .evaluation import MAIN_METRIC, paired_bootstrap
 from .experiment import prepare
 from .export import SERVED_MODELS, subset_export
 from .precompute import export_models
@@ -82,7 +82,7 @@ def register_champion(
         "split": run["tags.split"],
         "model": run["tags.model"],
         SELECTION_METRIC: f"{run[f'metrics.{SELECTION_METRIC}']:.6f}",
-        "map_at_10": f"{run['metrics.map_at_10']:.6f}",
+        MAIN_METRIC: f"{run[f'metrics.{MAIN_METRIC}']:.6f}",
         "source_run": run["run_id"],
         "run_name": run["tags.mlflow.runName"],
     }
@@ -111,7 +111,7 @@ def per_user_test_scores(run_id: str, uri: str | None = None) -> pd.DataFrame:
 
 # %% ../nbs/23_select_champion.ipynb #86aa16dd
 def confidence_vs_champion(
-    runs: pd.DataFrame, champion: pd.Series, metric: str = "map_at_10", *, n_boot: int = 2000, uri: str | None = None
+    runs: pd.DataFrame, champion: pd.Series, metric: str = MAIN_METRIC, *, n_boot: int = 2000, uri: str | None = None
 ) -> pd.DataFrame:
     "Each run's paired bootstrap difference to the champion on `metric` (95% CI), logged to the run; one row per run."
     client = check_tracking(uri)
@@ -161,7 +161,7 @@ def build_export(
         log(f"{name}: run {run['tags.mlflow.runName']}")
     scores = lambda run: {
         SELECTION_METRIC: float(run[f"metrics.{SELECTION_METRIC}"]),
-        "map_at_10": float(run["metrics.map_at_10"]),
+        MAIN_METRIC: float(run[f"metrics.{MAIN_METRIC}"]),
     }  # noqa: E731
     meta = {
         "champion": {

@@ -32,6 +32,7 @@ from .data import RecoData, load_data
 from .core import n_threads, project_root
 from reco_lab.evaluation import (
     K,
+    MAIN_METRIC,
     METRICS,
     Fold,
     default_protocol,
@@ -41,7 +42,7 @@ from reco_lab.evaluation import (
     summarize,
     time_folds,
 )
-from .tracking import Run, tracked_run
+from .tracking import SELECTION_METRIC, Run, tracked_run
 
 # %% ../nbs/04_experiment.ipynb #4ca76e56
 MODEL_MODULES = {
@@ -182,7 +183,7 @@ def served_lists(model: ModelBase, dataset: Dataset, fold: Fold, k: int = K) -> 
     return complete_with_popular(recommend(model, dataset, fold.test_users, k), fold, fold.test_users, k)
 
 # %% ../nbs/04_experiment.ipynb #72b97255
-def score(model: ModelBase, dataset: Dataset, fold: Fold, metric: str = "map_at_10") -> float:
+def score(model: ModelBase, dataset: Dataset, fold: Fold, metric: str = MAIN_METRIC) -> float:
     "One metric of the served lists on `fold` (for learning curves on a validation split)."
     return float(METRICS[metric].calc(served_lists(model, dataset, fold), fold.test))
 
@@ -331,8 +332,8 @@ def run_experiment(
         final = fit_final(name, params, data)
         size_mb = log_final_model(run, final)
     log(
-        f"{run.name}: val map_at_10 {table.loc['mean', 'val_map_at_10']:.4f}, test map_at_10 "
-        f"{table.loc['mean', 'map_at_10']:.4f} ± {table.loc['std', 'map_at_10']:.4f}, model {size_mb:.2f} MB"
+        f"{run.name}: {SELECTION_METRIC} {table.loc['mean', SELECTION_METRIC]:.4f}, test {MAIN_METRIC} "
+        f"{table.loc['mean', MAIN_METRIC]:.4f} ± {table.loc['std', MAIN_METRIC]:.4f}, model {size_mb:.2f} MB"
     )
     return run, table, final
 

@@ -6,7 +6,7 @@
 __all__ = ['STUDY', 'PROTOCOL_NOTES', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only', 'declared_parameters',
            'parameter_type', 'checked_value', 'plan', 'render_html', 'execute_job', 'attach_notebook', 'Study',
            'writable_dir', 'study_dirs', 'run_study', 'study_runs', 'fold_values', 'leaderboard', 'champion_run_id',
-           'plot_als_curves', 'display_uri', 'write_reports', 'results_markdown', 'comparison_markdown']
+           'display_uri', 'write_reports', 'results_markdown', 'comparison_markdown']
 
 # %% ../nbs/51_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
@@ -31,7 +31,7 @@ from .core import project_root
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from .evaluation import METRICS
+from .evaluation import MAIN_METRIC, METRICS, K
 from reco_lab.tracking import (
     REGISTERED_MODEL,
     SELECTION_METRIC,
@@ -351,7 +351,7 @@ def study_runs(
     return rank_runs(runs[runs["tags.study_id"] == study_id])
 
 # %% ../nbs/51_runner.ipynb #d838682f
-def fold_values(run_id: str, metric: str = "map_at_10", uri: str | None = None) -> list[float]:
+def fold_values(run_id: str, metric: str = MAIN_METRIC, uri: str | None = None) -> list[float]:
     "A run's per-fold values of `metric`, fold 0 first."
     history = MlflowClient(uri or tracking_uri()).get_metric_history(run_id, f"{metric}_by_fold")
     return [m.value for m in sorted(history, key=lambda m: m.step)]
@@ -364,17 +364,17 @@ def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str
         get = lambda key: r.get(f"metrics.{key}", float("nan"))  # noqa: E731
         row = {
             "model": r["tags.model"] + (" (champion)" if r["run_id"] == champion_run_id else ""),
-            "val MAP@10": f"{get(SELECTION_METRIC):.4f}",
-            "test MAP@10": f"{get('map_at_10'):.4f} ± {get('map_at_10_std'):.4f}",
+            f"val MAP@{K}": f"{get(SELECTION_METRIC):.4f}",
+            f"test MAP@{K}": f"{get(MAIN_METRIC):.4f} ± {get(MAIN_METRIC + '_std'):.4f}",
         }
         row |= {f"fold {k}": f"{v:.4f}" for k, v in enumerate(fold_values(r["run_id"], uri=uri))}
-        diff, low, high = get("map_at_10_diff_vs_champion"), get("map_at_10_diff_ci_low"), get("map_at_10_diff_ci_high")
+        diff, low, high = (get(f"{MAIN_METRIC}_{x}") for x in ("diff_vs_champion", "diff_ci_low", "diff_ci_high"))
         row["Δ vs champion [95% CI]"] = (
             "—" if r["run_id"] == champion_run_id or pd.isna(diff) else f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
         )
         for name in METRICS:
-            if name != "map_at_10":
-                row[name.replace("_at_10", "@10").replace("_", " ")] = f"{get(name):.4f}"
+            if name != MAIN_METRIC:
+                row[name.replace(f"_at_{K}", f"@{K}").replace("_", " ")] = f"{get(name):.4f}"
         row |= {
             "fit s / fold": f"{get('fit_time_s'):.2f}",
             "size MB": f"{get('model_size_mb'):.2f}",
@@ -399,37 +399,6 @@ def champion_run_id(dataset: str, protocol: str, uri: str | None = None) -> str 
     if version.tags.get("dataset") != dataset or version.tags.get("protocol") != protocol:
         return None
     return version.run_id
-
-# %% ../nbs/51_runner.ipynb #02e8ba59
-def plot_als_curves(run_id: str, path: str | Path | None = None):
-    "Loss and validation MAP@10 per fold and epoch of an ALS run (from MLflow); saved as PNG when `path` is given."
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri())
-    run = client.get_run(run_id)
-    n_folds = int(run.data.params.get("n_folds", 0))
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in range(n_folds):
-        loss = client.get_metric_history(run_id, f"loss_fold_{k}")
-        val = client.get_metric_history(run_id, f"val_map_at_10_fold_{k}")
-        ax_loss.plot([m.step for m in loss], [m.value for m in loss], marker=".", label=f"fold {k}")
-        ax_map.plot([m.step for m in val], [m.value for m in val], marker="o", label=f"fold {k}")
-    ax_loss.set(title="ALS training loss", xlabel="epoch", ylabel="loss (implicit)")
-    ax_map.set(title="MAP@10 on the validation split", xlabel="epoch", ylabel="val_map_at_10")
-    for ax in (ax_loss, ax_map):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{run.info.run_name} ({run.data.tags.get('dataset')}, {run.data.tags.get('protocol')})")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
 
 # %% ../nbs/51_runner.ipynb #11ca5e0d
 def display_uri(uri: str) -> str:
@@ -502,6 +471,8 @@ def write_reports(
     board.to_csv(reports / "leaderboard.csv", index=False)
     als = runs[runs["tags.model"] == "als"] if len(runs) else runs
     if len(als):
+        from reco_lab.models.als import plot_als_curves
+
         plot_als_curves(als.iloc[0]["run_id"], reports / "als_curves.png")
         lines += ["## ALS learning curves", "", "![ALS loss and validation MAP@10 per fold](als_curves.png)", ""]
     if study:
@@ -547,11 +518,11 @@ def results_markdown(
     reports_dir: str | Path | None = None,
     columns: tuple[str, ...] = (
         "model",
-        "val MAP@10",
-        "test MAP@10",
+        f"val MAP@{K}",
+        f"test MAP@{K}",
         "Δ vs champion [95% CI]",
-        "ndcg@10",
-        "recall@10",
+        f"ndcg@{K}",
+        f"recall@{K}",
         "fit s / fold",
     ),
 ) -> str:
@@ -568,14 +539,14 @@ def comparison_markdown(before: str | Path, after: str | Path, labels: tuple[str
     frames = [pd.read_csv(Path(d) / "leaderboard.csv", dtype=str).fillna("") for d in (before, after)]
     for frame in frames:
         frame["model"] = frame["model"].str.replace(" (champion)", "", regex=False)
-    columns = ["val MAP@10", "test MAP@10"]
+    val, test = f"val MAP@{K}", f"test MAP@{K}"
+    columns = [val, test]
     both = frames[0][["model", *columns]].merge(
         frames[1][["model", *columns]], on="model", suffixes=[f" ({x})" for x in labels]
     )
-    mean = lambda text: float(text.split(" ")[0])  # noqa: E731
     both["test change"] = [
-        f"{mean(b) - mean(a):+.4f}"
-        for a, b in zip(both[f"test MAP@10 ({labels[0]})"], both[f"test MAP@10 ({labels[1]})"])
+        f"{float(b.split()[0]) - float(a.split()[0]):+.4f}"
+        for a, b in zip(both[f"{test} ({labels[0]})"], both[f"{test} ({labels[1]})"])
     ]
     order = ["model"] + [f"{c} ({x})" for c in columns for x in labels] + ["test change"]
     return both[order].to_markdown(index=False, disable_numparse=True)

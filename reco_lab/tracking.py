@@ -33,6 +33,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from .core import MODELS, project_root
+from .evaluation import MAIN_METRIC
 
 # %% ../nbs/03_tracking.ipynb #7428e3a1
 EXPERIMENTS = {"candidates": "candidates", "ranker": "ranker", "tuning": "tuning"}
@@ -314,7 +315,7 @@ def search_runs(experiment: str = "candidates", *, uri: str | None = None, **tag
             return runs_frame(runs)
 
 # %% ../nbs/03_tracking.ipynb #a17227fc
-SELECTION_METRIC = "val_map_at_10"
+SELECTION_METRIC = f"val_{MAIN_METRIC}"  # val_map_at_10 for K=10
 REGISTERED_MODEL = "reco_lab"  # the MLflow Model Registry entry of the served champion
 CHAMPION_ALIAS = "champion"
 

@@ -18,7 +18,7 @@ from rectools.models import LightFMWrapperModel
 
 from ..evaluation import Fold
 from ..experiment import interactions_only, param, score
-from ..tracking import Run
+from ..tracking import SELECTION_METRIC, Run
 
 # %% ../../nbs/12_lightfm.ipynb #85cbf331
 LOSSES = ("warp", "bpr", "logistic", "warp-kos")
@@ -101,7 +101,7 @@ def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[L
         curve = {
             "eval_every": eval_every,
             "on_eval": lambda epoch: run.curves.log(
-                f"val_map_at_10_fold_{fold.index}", score(model, train, fold), epoch
+                f"{SELECTION_METRIC}_fold_{fold.index}", score(model, train, fold), epoch
             ),
         }
     return fit_epochs(model, train, epochs, timer=run.timer, **curve), train
