@@ -6,8 +6,8 @@
 __all__ = ['MODEL_MODULES', 'QUICK_CAPS', 'model_module', 'make_model', 'prepare', 'interactions_only', 'param', 'config_path',
            'tuned_config', 'quick_params', 'resolve_params', 'params_source', 'setup', 'complete_with_popular',
            'recommend', 'served_lists', 'score', 'fit_fold', 'fit_final', 'evaluate_folds', 'log_final_model',
-           'data_checksum', 'dataset_source', 'log_data', 'run_experiment', 'vector_factors', 'topk_items',
-           'check_topk']
+           'data_checksum', 'dataset_source', 'log_data', 'model_config', 'run_experiment', 'vector_factors',
+           'topk_items', 'check_topk']
 
 # %% ../nbs/04_experiment.ipynb #d84d2a68
 import reco_lab.core  # noqa: F401
@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import yaml
+from mlflow.entities import Param
 from rectools import Columns
 from rectools.dataset import Dataset
 from rectools.models.base import ModelBase
@@ -293,6 +294,19 @@ def log_data(run: Run, data: RecoData, protocol: str, folds: list[Fold]) -> None
     context = f"{protocol}, {len(folds)} folds with validation, split {split_id(folds)}"
     run.client.log_inputs(run.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
+# %% ../nbs/04_experiment.ipynb #f8db5f7e
+def model_config(model: ModelBase) -> dict[str, Any]:
+    "Every parameter of `model` (rectools' `get_params(simple_types=True)`; a ranker's parts for the two-stage model)."
+    try:
+        return model.get_params(simple_types=True)
+    except NotImplementedError:  # rectools' CandidateRankingModel has no config of its own
+        config = {}
+        for name, generator in getattr(model, "cand_gen_dict", {}).items():
+            config |= {f"{name}.{k}": v for k, v in model_config(generator.model).items()}
+        if hasattr(model, "reranker"):
+            config |= {f"reranker.{k}": v for k, v in model.reranker.model.get_params().items()}
+        return config
+
 # %% ../nbs/04_experiment.ipynb #5c0a655d
 def run_experiment(
     name: str,
@@ -330,6 +344,9 @@ def run_experiment(
         log_data(run, data, protocol, folds)
         table = evaluate_folds(run, folds, fit)
         final = fit_final(name, params, data)
+        run.client.log_batch(
+            run.run_id, params=[Param(f"rectools.{k}", str(v)[:6000]) for k, v in model_config(final).items()]
+        )
         size_mb = log_final_model(run, final)
     log(
         f"{run.name}: {SELECTION_METRIC} {table.loc['mean', SELECTION_METRIC]:.4f}, test {MAIN_METRIC} "

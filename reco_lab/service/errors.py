@@ -58,7 +58,7 @@ class ServiceError(Exception):
     def item(self) -> ErrorItem:
         return ErrorItem(error_key=self.error_key, error_message=self.message, error_loc=self.loc)
 
-
+# %% ../../nbs/31_service_errors.ipynb #2d15ec94
 class UserNotFound(ServiceError):
     "A user id outside the range the service answers for."
 
@@ -117,6 +117,7 @@ class Throttle:
 
 # %% ../../nbs/31_service_errors.ipynb #bc370b9f
 def _describe_request(sentry_scope: sentry_sdk.Scope, scope: dict) -> None:
+    "Tag `sentry_scope` with the request of ASGI `scope`: model, validated user, route, trace id, method and path."
     info = scope.get(REQUEST_INFO, {})
     params = scope.get("path_params") or {}
     tags = {"model_name": str(params["model_name"])[:200]} if "model_name" in params else {}
@@ -133,7 +134,7 @@ def _describe_request(sentry_scope: sentry_sdk.Scope, scope: dict) -> None:
     }
     sentry_scope.add_event_processor(lambda event, hint: {**event, "request": request})
 
-
+# %% ../../nbs/31_service_errors.ipynb #581b4d74
 class SentryReporter:
     "Sends handled exceptions to Sentry with the request's tags and trace id, at most `per_minute` per exception type."
 
@@ -150,9 +151,8 @@ class SentryReporter:
         with sentry_sdk.new_scope() as sentry_scope:
             sentry_scope.set_level(level)
             if refused:
-                sentry_scope.set_context(
-                    "throttle", {"refused_since_last_event": refused, "per_minute": self.throttle.per_minute}
-                )
+                context = {"refused_since_last_event": refused, "per_minute": self.throttle.per_minute}
+                sentry_scope.set_context("throttle", context)
             if scope is not None:
                 _describe_request(sentry_scope, scope)
             sentry_sdk.capture_exception(exc)
@@ -163,6 +163,7 @@ HTTP_ERROR_KEYS = {404: "not_found", 405: "method_not_allowed"}
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    "422 with one item per invalid parameter, located as pydantic locates it (`['path', 'user_id']`)."
     items = [
         ErrorItem(
             error_key=e.get("type", "validation_error"),
@@ -175,13 +176,14 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    "Starlette's own errors (unknown route, wrong method) in the common body, with their headers (`Allow`)."
     key = HTTP_ERROR_KEYS.get(exc.status_code, "server_error" if exc.status_code >= 500 else "http_error")
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return error_response(
-        exc.status_code, [ErrorItem(error_key=key, error_message=message, error_loc=["path"])], exc.headers
+    item = ErrorItem(
+        error_key=key, error_message=f"{request.method} {request.url.path}: {exc.detail}", error_loc=["path"]
     )
+    return error_response(exc.status_code, [item], exc.headers)
 
-
+# %% ../../nbs/31_service_errors.ipynb #9aefd9ea
 def server_error_response() -> JSONResponse:
     "The 500 every unexpected failure gets: no stack trace, no exception name."
     return error_response(500, [ErrorItem(error_key="server_error", error_message="internal server error")])
@@ -192,7 +194,7 @@ async def server_error_handler(request: Request, exc: Exception) -> JSONResponse
 
 # %% ../../nbs/31_service_errors.ipynb #9d64d864
 class ServerErrors:
-    "ASGI middleware: an unexpected exception becomes one error log line, a Sentry event and the JSON 500; the connection stays open."
+    "ASGI middleware: an unexpected exception becomes an error log line, a Sentry event and the JSON 500 (kept alive)."
 
     def __init__(self, app, reporter: Callable[..., bool]):
         self.app, self.reporter = app, reporter
@@ -242,8 +244,7 @@ def add_error_handlers(app: FastAPI, reporter: Callable[..., bool] | None = None
     app.add_middleware(ServerErrors, reporter=reporter)
     return app
 
-
-#: OpenAPI description of the error responses, for the routes' `responses=`.
+# %% ../../nbs/31_service_errors.ipynb #4c7ec23e
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong bearer token (`token_is_not_correct`)"},
     404: {"model": ErrorBody, "description": "`model_not_found`, `user_not_found`"},

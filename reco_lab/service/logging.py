@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ACCESS_LOGGER', 'SERVER_LOGGER', 'FLOOD_PRONE', 'INT64', 'DropLoggedStartupTraceback', 'RateLimited', 'log_config',
-           'configure_logging', 'redact', 'init_sentry', 'new_trace_id', 'AccessLog']
+           'configure_logging', 'redact', 'init_sentry', 'new_trace_id', 'access_fields', 'AccessLog']
 
 # %% ../../nbs/32_service_logging.ipynb #b9df8de8
 import reco_lab.core  # noqa: F401
@@ -27,14 +27,6 @@ from .errors import ERRORS_LOGGER, request_info
 # %% ../../nbs/32_service_logging.ipynb #3630ae9e
 ACCESS_LOGGER = "reco_lab.service.access"
 SERVER_LOGGER = "reco_lab.service.server"
-FLOOD_PRONE = (
-    "socket.accept() out of system resource",
-    "Exception in callback BaseSelectorEventLoop._start_serving",
-    "Invalid HTTP request received.",
-    "Exceeded concurrency limit.",
-    "connection limit reached",
-    "concurrency limit reached",
-)
 
 
 class DropLoggedStartupTraceback(logging.Filter):
@@ -43,6 +35,16 @@ class DropLoggedStartupTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg if isinstance(record.msg, str) else ""
         return not (message.startswith("Traceback") and "StartupFailed" in message)
+
+# %% ../../nbs/32_service_logging.ipynb #fd4e6b33
+FLOOD_PRONE = (
+    "socket.accept() out of system resource",
+    "Exception in callback BaseSelectorEventLoop._start_serving",
+    "Invalid HTTP request received.",
+    "Exceeded concurrency limit.",
+    "connection limit reached",
+    "concurrency limit reached",
+)
 
 
 class RateLimited(logging.Filter):
@@ -68,31 +70,33 @@ class RateLimited(logging.Filter):
             record.msg = f"{message} ({dropped} more like it dropped in the last {self.seconds:g} s)"
         return True
 
-
+# %% ../../nbs/32_service_logging.ipynb #63a8575e
 def log_config(level: str = "INFO") -> dict[str, Any]:
-    "`logging.config.dictConfig` for ECS JSON lines on stdout, uvicorn's access log off, flood-prone lines rate-limited."
+    "`logging.config.dictConfig` for ECS lines on stdout, uvicorn's access log off, flood-prone lines rate-limited."
+    stdout = {
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+        "formatter": "ecs",
+        "filters": ["startup"],
+    }
+    to_root = {"handlers": [], "propagate": True}  # through the root's ECS handler
+    limited = {**to_root, "filters": ["flood"]}
+    quiet = {"handlers": [], "propagate": False, "level": "CRITICAL"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"ecs": {"()": "ecs_logging.StdlibFormatter", "exclude_fields": ["log.original"]}},
         "filters": {"startup": {"()": DropLoggedStartupTraceback}, "flood": {"()": RateLimited}},
-        "handlers": {
-            "stdout": {
-                "class": "logging.StreamHandler",
-                "stream": "ext://sys.stdout",
-                "formatter": "ecs",
-                "filters": ["startup"],
-            }
-        },
+        "handlers": {"stdout": stdout},
         "root": {"handlers": ["stdout"], "level": level},
         "loggers": {
-            "uvicorn": {"handlers": [], "propagate": True},
-            "uvicorn.error": {"handlers": [], "propagate": True, "filters": ["flood"]},
-            "uvicorn.access": {"handlers": [], "propagate": False, "level": "CRITICAL"},
-            "gunicorn.error": {"handlers": [], "propagate": True},
-            "gunicorn.access": {"handlers": [], "propagate": False, "level": "CRITICAL"},
-            "asyncio": {"handlers": [], "propagate": True, "filters": ["flood"]},
-            SERVER_LOGGER: {"handlers": [], "propagate": True, "filters": ["flood"]},
+            "uvicorn": to_root,
+            "uvicorn.error": limited,
+            "uvicorn.access": quiet,
+            "gunicorn.error": to_root,
+            "gunicorn.access": quiet,
+            "asyncio": limited,
+            SERVER_LOGGER: limited,
         },
     }
 
@@ -114,9 +118,9 @@ def redact(value: Any, secrets: tuple[str, ...]) -> Any:
         return [redact(v, secrets) for v in value]
     return value
 
-
+# %% ../../nbs/32_service_logging.ipynb #5d71710d
 def init_sentry(secrets: tuple[str, ...] = (), *, asgi: bool = False, **options: Any) -> bool:
-    "Initialise Sentry from `SENTRY_DSN`/`SENTRY_ENVIRONMENT`/`SENTRY_RELEASE` (no PII, `secrets` redacted, ASGI integrations if `asgi`); False without a DSN."
+    "Start Sentry from `SENTRY_*` (no PII, `secrets` redacted, ASGI integrations if `asgi`); False without a DSN."
     if not os.environ.get("SENTRY_DSN", "").strip():
         return False
     secrets = tuple(s for s in secrets if s)
@@ -138,15 +142,35 @@ def init_sentry(secrets: tuple[str, ...] = (), *, asgi: bool = False, **options:
 
 def new_trace_id() -> str | None:
     "A fresh trace id for a request (32 hex digits, the form Sentry's trace context takes), None when Sentry is off."
-    # an id, not a secret: the Mersenne Twister (0.3 us) instead of os.urandom (about 5 us here, a system call)
+    # an id, not a secret: the Mersenne Twister (a fraction of a microsecond) instead of a system call (os.urandom)
     return f"{random.getrandbits(128):032x}" if sentry_sdk.is_initialized() else None
 
 # %% ../../nbs/32_service_logging.ipynb #74cef98b
 INT64 = 2**63
 
 
+def access_fields(scope: dict, info: dict, status: int, duration_ns: int) -> dict[str, Any]:
+    "The ECS fields of a request's access line: method, path, status, duration, model, validated user, trace id."
+    fields = {
+        "event.dataset": "reco_lab.access",
+        "event.duration": duration_ns,
+        "http.request.method": scope["method"],
+        "url.path": scope["path"],
+        "http.response.status_code": status,
+    }
+    params = scope.get("path_params") or {}
+    if "model_name" in params:
+        fields["reco.model_name"] = params["model_name"]
+    user_id = info.get("user_id")
+    if isinstance(user_id, int) and -INT64 <= user_id < INT64:
+        fields["reco.user_id"] = user_id
+    if info.get("trace_id") is not None:
+        fields["trace.id"] = info["trace_id"]
+    return fields
+
+# %% ../../nbs/32_service_logging.ipynb #62e1d373
 class AccessLog:
-    "ASGI middleware: one ECS log line per HTTP request with method, path, status, duration, model, user id, trace id."
+    "ASGI middleware: one ECS log line per HTTP request (`access_fields`), written after the response."
 
     def __init__(self, app):
         self.app = app
@@ -169,24 +193,6 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.log(scope, info, status, time.perf_counter_ns() - start)
-
-    def log(self, scope, info: dict, status: int, duration_ns: int) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        extra = {
-            "event.dataset": "reco_lab.access",
-            "event.duration": duration_ns,
-            "http.request.method": scope["method"],
-            "url.path": scope["path"],
-            "http.response.status_code": status,
-        }
-        params = scope.get("path_params") or {}
-        if "model_name" in params:
-            extra["reco.model_name"] = params["model_name"]
-        user_id = info.get("user_id")
-        if isinstance(user_id, int) and -INT64 <= user_id < INT64:
-            extra["reco.user_id"] = user_id
-        if info["trace_id"] is not None:
-            extra["trace.id"] = info["trace_id"]
-        self.logger.info("%s %s %s", scope["method"], scope["path"], status, extra=extra)
+            if self.logger.isEnabledFor(logging.INFO):
+                fields = access_fields(scope, info, status, time.perf_counter_ns() - start)
+                self.logger.info("%s %s %s", scope["method"], scope["path"], status, extra=fields)
