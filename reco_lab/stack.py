@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['DEFAULT_PORT', 'DEFAULT_BUCKET', 'PG_USER', 'DB_NAME', 'DB_USER', 'S3_DENIED', 'SEAWEEDFS_PORTS', 'StackError',
            'stack_dir', 'port_in_use', 'Stack', 'process', 'remember', 'kill_tree', 'spawn', 'log_tail', 'postgres_bin',
-           'as_pg_user', 'pg_can_enter', 'pg_root_for', 'connect', 'start_postgres', 'stop_postgres', 'tool',
-           'wait_http', 's3_client', 'ensure_bucket', 'free_ports', 'weed_command', 'bucket_keys',
-           'import_saved_bucket', 'start_s3', 'stop_s3', 'mlflow_config', 'start_mlflow', 'stop_mlflow', 'locked',
-           'healthy', 'stack_up', 'stack_down', 'stack_status', 'format_status', 'main']
+           'as_pg_user', 'pg_can_enter', 'pg_root_for', 'connect', 'start_postgres', 'stop_postgres', 'wait_http',
+           's3_client', 'ensure_bucket', 'free_ports', 'weed_command', 'bucket_keys', 'import_saved_bucket', 'start_s3',
+           'stop_s3', 'mlflow_config', 'start_mlflow', 'stop_mlflow', 'locked', 'healthy', 'stack_up', 'stack_down',
+           'stack_status', 'format_status', 'main']
 
 # %% ../nbs/50_stack.ipynb #e72de4aa
 import reco_lab.core  # noqa: F401
@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 
 import psutil
 
-from .core import project_root
+from .core import console_script, project_root
 
 from .core import free_port  # noqa: F401  (also used by the tests through this module)
 
@@ -319,12 +319,6 @@ def stop_postgres(stack: Stack, mode: str = "fast") -> None:
         kill_tree(proc)
     stack.procs.pop("postgres", None)
 
-# %% ../nbs/50_stack.ipynb #2178f73c
-def tool(name: str) -> str:
-    "A console script of this Python environment (beside the interpreter), else from PATH."
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else shutil.which(name) or name
-
 # %% ../nbs/50_stack.ipynb #e7a92429
 def _exited(proc: psutil.Process | subprocess.Popen | None) -> bool:
     return proc is not None and (
@@ -428,7 +422,7 @@ def free_ports(n: int, taken: Iterable[int] = ()) -> list[int]:
 def weed_command(stack: Stack) -> list[str]:
     "`weed server`: master, volume server, filer and S3 gateway on loopback, data in `<dir>/seaweedfs/`."
     return [
-        tool("weed"),
+        console_script("weed"),
         "server",
         f"-dir={stack.dir / 'seaweedfs'}",
         "-ip=127.0.0.1",
@@ -530,7 +524,7 @@ def start_mlflow(stack: Stack, timeout: float = 240) -> None:
         )
     log = stack.dir / "logs" / "mlflow.log"
     cmd = [
-        tool("mlflow"),
+        console_script("mlflow"),
         "server",
         "--artifacts-destination",
         f"s3://{stack.bucket}",

