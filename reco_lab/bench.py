@@ -233,7 +233,7 @@ def bench_scale(
                 als_module.make_model(als_params),
                 train,
                 als_epochs,
-                on_epoch=lambda e, l: run.curves.log("loss_fold_0", l, e),
+                on_epoch=lambda epoch, loss: run.curves.log("loss_fold_0", loss, epoch),
             )
             run.curves.flush()
     lfm_params = {"no_components": 64, "epochs": lightfm_epochs, "features": True, "seed": 0, "num_threads": 2}

@@ -28,7 +28,6 @@ from reco_lab.tracking import (
     CHAMPION_ALIAS,
     REGISTERED_MODEL,
     SELECTION_METRIC,
-    champion_alias,
     check_tracking,
     comparable_runs,
     rank_runs,
@@ -66,7 +65,8 @@ def best_runs_per_model(
 def register_champion(
     run: pd.Series, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS, uri: str | None = None
 ) -> ModelVersion:
-    "Register the run's MLflow model (`model/`) as a new version of `name`, point `alias` at it, move the run tag `alias` to it."
+    "Register the run's MLflow model (`model/`) as a new version of `name`, point `alias` at it, move the run tag"
+    "`alias` to it."
     client = check_tracking(uri)
     if "model/MLmodel" not in {a.path for a in client.list_artifacts(run["run_id"], "model")}:
         raise LookupError(f"run {run['run_id']} has no MLflow model at model/: log it first (publish_models)")
@@ -151,7 +151,8 @@ def build_export(
     uri: str | None = None,
     log=print,
 ) -> Path:
-    "Export the estimators of the given runs (the best per served model), with the champion (and its registry name, alias)."
+    "Export the estimators of the given runs (the best per served model), with the champion (and its registry name,"
+    "alias)."
     models = {}
     for name, run in runs.items():
         params = {
@@ -159,10 +160,13 @@ def build_export(
         }
         models[name] = (load_run_model(run["run_id"], uri), prepare(name, data.dataset, params))
         log(f"{name}: run {run['tags.mlflow.runName']}")
-    scores = lambda run: {
-        SELECTION_METRIC: float(run[f"metrics.{SELECTION_METRIC}"]),
-        MAIN_METRIC: float(run[f"metrics.{MAIN_METRIC}"]),
-    }  # noqa: E731
+
+    def scores(run: pd.Series) -> dict[str, float]:
+        return {
+            SELECTION_METRIC: float(run[f"metrics.{SELECTION_METRIC}"]),
+            MAIN_METRIC: float(run[f"metrics.{MAIN_METRIC}"]),
+        }
+
     meta = {
         "champion": {
             "model": champion["tags.model"],
@@ -185,7 +189,8 @@ def build_export(
 def fetch_champion_export(
     dest: str | Path, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS, uri: str | None = None
 ) -> Path:
-    "Download the export inside the registered model `<name>@<alias>` into `dest`, verified (for a service on another host)."
+    "Download the export inside the registered model `<name>@<alias>` into `dest`, verified (for a service on another"
+    "host)."
     return download_export(f"models:/{name}@{alias}", dest, tracking=check_tracking(uri).tracking_uri)
 
 # %% ../nbs/23_select_champion.ipynb #63308208
@@ -198,7 +203,8 @@ def publish_models(
     uri: str | None = None,
     log=print,
 ) -> None:
-    "Log each served run's MLflow model at `model/`: the champion's over the whole export, the others' over their own lists."
+    "Log each served run's MLflow model at `model/`: the champion's over the whole export, the others' over their own"
+    "lists."
     client = check_tracking(uri)
     for name, run in runs.items():
         has_model = "model/MLmodel" in {a.path for a in client.list_artifacts(run["run_id"], "model")}

@@ -35,7 +35,6 @@ def models_dir() -> Path:
     "The export folder: `RECO_LAB_MODELS_DIR`, else `models/` in the repository."
     return Path(os.environ.get("RECO_LAB_MODELS_DIR") or project_root() / "models").expanduser()
 
-
 # %% ../nbs/20_export.ipynb #c02d5d11
 def _id_dtype(values: np.ndarray) -> np.dtype:
     return (
@@ -58,7 +57,8 @@ def write_export(
     popular: np.ndarray,
     meta: dict[str, Any],
 ) -> Path:
-    "Atomically write a serving export: per-model top-k matrices aligned with `users`, seen items, popular fallback, manifest."
+    "Atomically write a serving export: per-model top-k matrices aligned with `users`, seen items, popular fallback,"
+    "manifest."
     folder = Path(folder)
     users = np.asarray(users, dtype=np.int64)
     order = np.argsort(users, kind="stable")
@@ -165,7 +165,8 @@ def _read_manifest(folder: Path) -> tuple[dict, dict, dict]:
     path = folder / "manifest.json"
     if not path.is_file():
         raise ExportError(
-            f"no serving export at {folder}: {path} is missing. Run `make run` (or point RECO_LAB_MODELS_DIR at an export)"
+            f"no serving export at {folder}: {path} is missing. Run `make run` (or point RECO_LAB_MODELS_DIR at an "
+            "export)"
         )
     try:
         manifest = json.loads(path.read_bytes())
@@ -226,7 +227,8 @@ def _load_array(folder: Path, rel: str, expected: dict, verify: bool, mmap: bool
         raise ExportError(f"export file {path} is not a readable .npy array: {e}") from None
     if array is None:
         raise ExportError(
-            f"export file {path} has {size} bytes, the manifest says {expected['bytes']}: the file is truncated or replaced"
+            f"export file {path} has {size} bytes, the manifest says {expected['bytes']}: the file is truncated or "
+            "replaced"
         )
     # a plain ndarray view keeps the mapping but drops np.memmap's per-slice overhead (about half of a lookup)
     return array.view(np.ndarray) if mmap else array
@@ -252,7 +254,8 @@ def load_export(folder: str | Path | None = None, *, verify: bool = True, mmap: 
     for name, matrix in export.topk.items():
         if matrix.ndim != 2 or matrix.shape[0] != len(export.users):
             raise ExportError(
-                f"export file {folder / models[name]['file']} has shape {matrix.shape}, expected ({len(export.users)}, depth)"
+                f"export file {folder / models[name]['file']} has shape {matrix.shape}, expected "
+                f"({len(export.users)}, depth)"
             )
     if len(export.seen_indptr) != len(export.users) + 1:
         raise ExportError(f"export file {folder / 'seen_indptr.npy'} does not match {folder / 'users.npy'}")

@@ -148,7 +148,8 @@ def checked_value(job: Job, key: str, value: Any) -> Any:
 
 # %% ../nbs/51_runner.ipynb #f26933b2
 def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None, jobs: list[Job] = STUDY) -> list[Job]:
-    "The jobs to run: the study filtered by `only`, each expanded over the grid keys its notebook declares (values checked)."
+    "The jobs to run: the study filtered by `only`, each expanded over the grid keys its notebook declares (values"
+    "checked)."
     selected = [j for j in jobs if not only or j.name in only or j.notebook in only]
     if only and (unknown := set(only) - {j.name for j in jobs} - {j.notebook for j in jobs}):
         raise ValueError(
@@ -211,7 +212,8 @@ def execute_job(job: Job, out: Path, index: int, params: dict[str, Any]) -> Path
 
 # %% ../nbs/51_runner.ipynb #3fbcbcfd
 def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int:
-    "Log an executed notebook's HTML (`notebook/<name>.html`) to the study's runs it made (`notebook` None: to all of them)."
+    "Log an executed notebook's HTML (`notebook/<name>.html`) to the study's runs it made (`notebook` None: to all of"
+    "them)."
     client = check_tracking()
     count = 0
     for experiment in ("candidates", "ranker", "tuning"):
@@ -302,7 +304,8 @@ def run_study(
     writable_dir(reports, "--reports-dir")
     common = {"dataset": dataset, "protocol": protocol, "quick": bool(quick), "study_id": study_id, **(extra or {})}
     if (quick or protocol != default) and not os.environ.get("RECO_LAB_MODELS_DIR"):
-        # the served export (models/) is the default protocol's full champion's; other studies export beside their notebooks
+        # models/ (what the service serves) is the default protocol's full champion's;
+        # the other studies export beside their notebooks
         common.setdefault("models_dir", str(out / "models"))
     log(
         f"study {study_id}: {len(jobs)} notebooks on {dataset} ({protocol}{', quick' if quick else ''}), "
@@ -358,10 +361,14 @@ def fold_values(run_id: str, metric: str = MAIN_METRIC, uri: str | None = None) 
 
 # %% ../nbs/51_runner.ipynb #0284e7d1
 def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str | None = None) -> pd.DataFrame:
-    "One row per run, best validation MAP@10 first: validation and test MAP@10, per fold, the CI vs the champion, the rest."
+    "One row per run, best validation MAP@10 first: validation and test MAP@10, per fold, the CI vs the champion, the"
+    "rest."
     rows = []
     for _, r in runs.iterrows():
-        get = lambda key: r.get(f"metrics.{key}", float("nan"))  # noqa: E731
+
+        def get(key: str, r: pd.Series = r) -> float:
+            return r.get(f"metrics.{key}", float("nan"))
+
         row = {
             "model": r["tags.model"] + (" (champion)" if r["run_id"] == champion_run_id else ""),
             f"val MAP@{K}": f"{get(SELECTION_METRIC):.4f}",
@@ -506,7 +513,8 @@ def _write_index(reports: Path, board: pd.DataFrame) -> None:
     table = board.to_html(index=False, border=0) if len(board) else "<p>no finished runs</p>"
     (reports / "index.html").write_text(
         f"""<!doctype html><html><head><meta charset="utf-8"><title>reco_lab reports</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}</style>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd}}</style>
 </head><body><h1>reco_lab reports</h1><h2>Leaderboard</h2>{table}
 <p><img src="als_curves.png" alt="ALS curves" style="max-width:100%"></p>
 <h2>Rendered notebooks (latest study)</h2><ul>{links}</ul><h2>Reports</h2><ul>{extra}</ul></body></html>""",

@@ -52,7 +52,7 @@ def test_the_service_answers_what_the_registered_model_predicts(registry):
     users = [int(u) for u in export.users[:20]] + [10**8]
     with started(tmp, uri, "models:/reco_lab@champion", "champion") as service:
         answers = [get(f"{service.url}/reco/als/{u}")[2]["items"] for u in users]
-        line = next(l for l in service.log_lines() if l["message"].startswith("serving "))
+        line = next(x for x in service.log_lines() if x["message"].startswith("serving "))
     assert (
         line["message"].endswith("from models:/reco_lab@champion")
         and line["reco"]["model_uri"] == "models:/reco_lab@champion"
@@ -89,7 +89,7 @@ def test_start_up_stops_with_one_line_naming_the_uri(registry, case):
         with started(tmp, uri, model_uri, case.replace(" ", "-")):
             pass
     log = (tmp / f"{case.replace(' ', '-')}.log").read_text()
-    errors = [json.loads(l) for l in log.splitlines() if l.startswith("{") and '"error"' in l]
+    errors = [json.loads(line) for line in log.splitlines() if line.startswith("{") and '"error"' in line]
     first = errors[0]["message"]
     assert first.startswith(f"cannot start: cannot download {model_uri}") or first.startswith(
         "cannot start: export file"

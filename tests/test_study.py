@@ -30,9 +30,10 @@ MODELS = set(ALL_MODELS)
 
 @pytest.fixture(scope="module")
 def tracking_stack(request):
-    """PostgreSQL and SeaweedFS of `reco_lab.stack` with an MLflow server on them: the image of docker/mlflow.Dockerfile
-    (`make docker-mlflow-image`) where a Docker engine can start, so the quick study runs once against the
-    containerised server, else the stack's own `mlflow server`. Either way a `Stack` whose tracking URI is the server."""
+    """PostgreSQL and SeaweedFS of `reco_lab.stack` with an MLflow server on them: the image of
+    docker/mlflow.Dockerfile (`make docker-mlflow-image`) where a Docker engine can start, so the quick study
+    runs once against the containerised server, else the stack's own `mlflow server`. Either way a `Stack`
+    whose tracking URI is the server."""
     from dataclasses import replace
 
     from conftest import missing_stack_parts, mlflow_container
@@ -348,7 +349,8 @@ def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
 
 
 def test_the_registered_champion_is_an_mlflow_model(study):
-    "`mlflow.pyfunc.load_model('models:/reco_lab@champion')` predicts the service's 10 distinct items, with a signature."
+    "`mlflow.pyfunc.load_model('models:/reco_lab@champion')` predicts the service's 10 distinct items, with a"
+    "signature."
     tmp, env, _ = study
     code = (
         "import json, mlflow, pandas as pd\n"
