@@ -404,7 +404,101 @@ def _sample_by_weight(rng: np.random.Generator, cum: np.ndarray, n: int) -> np.n
     "Indexes sampled with probabilities given by the cumulative weights `cum`."
     return np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"), len(cum) - 1)
 
-# %% ../nbs/01_data.ipynb #0250472a
+# %% ../nbs/01_data.ipynb #b03d603b
+def _synthetic_catalogue(rng: np.random.Generator, n_items: int, n_days: int) -> tuple[np.ndarray, ...]:
+    "Items: Zipf popularity, a main genre, a release day (a third are released during the period)."
+    popularity = 1.0 / (rng.permutation(n_items) + 10.0) ** 1.1
+    item_genre = rng.integers(0, len(GENRES), n_items)
+    release_day = np.where(rng.random(n_items) < 0.33, rng.integers(0, n_days, n_items), 0)
+    return popularity, item_genre, release_day
+
+# %% ../nbs/01_data.ipynb #7f62bd86
+def _synthetic_audience(
+    rng: np.random.Generator, n_users: int, n_items: int, n_interactions: int
+) -> tuple[np.ndarray, ...]:
+    "Users: a favourite genre, heavy-tailed activity (capped so nobody watches more than a third of the catalogue)."
+    user_genre = rng.integers(0, len(GENRES), n_users)
+    activity = rng.pareto(1.5, n_users) + 1.0
+    return user_genre, np.minimum(activity, activity.sum() / n_interactions * n_items / 3)
+
+# %% ../nbs/01_data.ipynb #a531ba2e
+def _draw_pairs(rng: np.random.Generator, activity, user_genre, popularity, item_genre, n_interactions: int):
+    "`n_interactions` distinct (user, item) pairs, one row per pair as in Kion: 60% from the favourite genre."
+    n_items, n_genres = len(popularity), len(GENRES)
+    order = np.argsort(item_genre, kind="stable")
+    bounds = np.searchsorted(item_genre[order], np.arange(n_genres + 1))
+    n_draw = int(n_interactions * 1.1) + 100
+    while True:  # draw until there are enough distinct pairs
+        users = _sample_by_weight(rng, np.cumsum(activity), n_draw)
+        genre = np.where(rng.random(n_draw) < 0.6, user_genre[users], -1)  # -1: by global popularity
+        items = np.empty(n_draw, dtype=np.int64)
+        for g in range(-1, n_genres):
+            pick = genre == g
+            members = order[bounds[g] : bounds[g + 1]] if g >= 0 else np.arange(n_items)
+            members = members if len(members) else np.arange(n_items)
+            items[pick] = members[_sample_by_weight(rng, np.cumsum(popularity[members]), int(pick.sum()))]
+        _, first = np.unique(users * n_items + items, return_index=True)
+        if len(first) >= n_interactions:
+            keep = np.sort(first)[:n_interactions]
+            return users[keep], items[keep]
+        n_draw = int(n_draw * 1.5)
+
+# %% ../nbs/01_data.ipynb #47d4a2a0
+def _watches(rng: np.random.Generator, users, items, release_day, n_days: int) -> pd.DataFrame:
+    "The interactions: a day after the item's release, a time of day, a watched share of its duration."
+    day = np.maximum(rng.integers(0, n_days, len(users)), release_day[items])
+    seconds = rng.integers(0, 86_400, len(users))
+    watched = np.clip(rng.beta(0.7, 0.9, len(users)) * 100, 0, 100).round().astype(np.int64)
+    duration = rng.choice([20, 45, 90, 120], len(release_day)) * 60
+    return pd.DataFrame(
+        {
+            Columns.User: users + 1,
+            Columns.Item: items + 1,
+            Columns.Weight: 1.0,
+            Columns.Datetime: START + pd.to_timedelta(day * 86_400 + seconds, unit="s"),
+            "total_dur": (watched * duration[items] // 100).astype(np.int64),
+            "watched_pct": watched.astype(float),
+        }
+    )
+
+# %% ../nbs/01_data.ipynb #eec8f915
+def _categories(values: list[str], codes: np.ndarray) -> pd.Categorical:
+    return pd.Categorical.from_codes(codes, categories=values)
+
+
+def _user_table(rng: np.random.Generator, n_users: int) -> pd.DataFrame:
+    "Kion's user columns with random values."
+    return pd.DataFrame(
+        {
+            Columns.User: np.arange(1, n_users + 1),
+            "age": _categories(AGES, rng.integers(0, len(AGES), n_users)),
+            "income": _categories(INCOMES, rng.integers(0, len(INCOMES), n_users)),
+            "sex": _categories(["М", "Ж"], rng.integers(0, 2, n_users)),
+            "kids_flg": _categories(["0", "1"], (rng.random(n_users) < 0.3).astype(int)),
+        }
+    )
+
+# %% ../nbs/01_data.ipynb #4911e2c9
+def _item_table(rng: np.random.Generator, item_genre: np.ndarray) -> pd.DataFrame:
+    "Kion's item columns: two genres (the item's main one first), a year and decade, random attributes."
+    n_items, names = len(item_genre), np.array(GENRES, dtype=object)
+    second_genre = (item_genre + rng.integers(1, len(GENRES), n_items)) % len(GENRES)
+    year = rng.integers(1960, 2022, n_items)
+    return pd.DataFrame(
+        {
+            Columns.Item: np.arange(1, n_items + 1),
+            "content_type": _categories(["film", "series"], (rng.random(n_items) < 0.2).astype(int)),
+            "title": pd.Series(np.arange(1, n_items + 1)).map("title {}".format),
+            "release_year": year,
+            "genres": pd.Series(names[item_genre]) + ", " + names[second_genre],
+            "countries": _categories(COUNTRIES, np.minimum(rng.geometric(0.5, n_items) - 1, len(COUNTRIES) - 1)),
+            "for_kids": _categories(["0", "1"], (item_genre == GENRES.index("для детей")).astype(int)),
+            "age_rating": _categories(["0", "6", "12", "16", "18"], rng.integers(0, 5, n_items)),
+            "release_decade": (year // 10 * 10).astype(str),
+        }
+    )
+
+# %% ../nbs/01_data.ipynb #2647eeba
 def make_synthetic(
     n_users: int = 10_000, n_items: int = 2_000, n_interactions: int = 100_000, seed: int = 0, n_days: int = 70
 ) -> RecoData:
@@ -418,79 +512,11 @@ def make_synthetic(
             f"{n_interactions} interactions do not fit {n_users} users x {n_items} items (at most half the matrix)"
         )
     rng = np.random.default_rng(seed)
-    n_genres = len(GENRES)
-    # items: popularity ~ Zipf, a main genre, a release day (a third are released during the period)
-    popularity = 1.0 / (rng.permutation(n_items) + 10.0) ** 1.1
-    item_genre = rng.integers(0, n_genres, n_items)
-    release_day = np.where(rng.random(n_items) < 0.33, rng.integers(0, n_days, n_items), 0)
-    # users: a favourite genre, heavy-tailed activity (capped so nobody watches more than a third of the catalogue)
-    user_genre = rng.integers(0, n_genres, n_users)
-    activity = rng.pareto(1.5, n_users) + 1.0
-    activity = np.minimum(activity, activity.sum() / n_interactions * n_items / 3)
-    order = np.argsort(item_genre, kind="stable")
-    bounds = np.searchsorted(item_genre[order], np.arange(n_genres + 1))
-    n_draw = int(n_interactions * 1.1) + 100
-    while True:  # draw until there are enough distinct (user, item) pairs: one row per pair, as in Kion
-        users = _sample_by_weight(rng, np.cumsum(activity), n_draw)
-        # 60% of watches come from the user's favourite genre, the rest from global popularity
-        genre = np.where(rng.random(n_draw) < 0.6, user_genre[users], -1)
-        items = np.empty(n_draw, dtype=np.int64)
-        global_pick = genre == -1
-        items[global_pick] = _sample_by_weight(rng, np.cumsum(popularity), int(global_pick.sum()))
-        for g in range(n_genres):
-            pick = genre == g
-            members = order[bounds[g] : bounds[g + 1]]
-            if len(members):
-                items[pick] = members[_sample_by_weight(rng, np.cumsum(popularity[members]), int(pick.sum()))]
-            else:
-                items[pick] = _sample_by_weight(rng, np.cumsum(popularity), int(pick.sum()))
-        _, first = np.unique(users * n_items + items, return_index=True)
-        if len(first) >= n_interactions:
-            break
-        n_draw = int(n_draw * 1.5)
-    keep = np.sort(first)[:n_interactions]
-    users, items = users[keep], items[keep]
-    day = np.maximum(rng.integers(0, n_days, len(keep)), release_day[items])
-    seconds = rng.integers(0, 86_400, len(keep))
-    watched = np.clip(rng.beta(0.7, 0.9, len(keep)) * 100, 0, 100).round().astype(np.int64)
-    duration = rng.choice([20, 45, 90, 120], n_items) * 60
-    interactions = pd.DataFrame(
-        {
-            Columns.User: users + 1,
-            Columns.Item: items + 1,
-            Columns.Weight: 1.0,
-            Columns.Datetime: START + pd.to_timedelta(day * 86_400 + seconds, unit="s"),
-            "total_dur": (watched * duration[items] // 100).astype(np.int64),
-            "watched_pct": watched.astype(float),
-        }
-    )
-    cat = lambda values, codes: pd.Categorical.from_codes(codes, categories=values)  # noqa: E731
-    users_df = pd.DataFrame(
-        {
-            Columns.User: np.arange(1, n_users + 1),
-            "age": cat(AGES, rng.integers(0, len(AGES), n_users)),
-            "income": cat(INCOMES, rng.integers(0, len(INCOMES), n_users)),
-            "sex": cat(["М", "Ж"], rng.integers(0, 2, n_users)),
-            "kids_flg": cat(["0", "1"], (rng.random(n_users) < 0.3).astype(int)),
-        }
-    )
-    second_genre = (item_genre + rng.integers(1, n_genres, n_items)) % n_genres
-    year = rng.integers(1960, 2022, n_items)
-    items_df = pd.DataFrame(
-        {
-            Columns.Item: np.arange(1, n_items + 1),
-            "content_type": cat(["film", "series"], (rng.random(n_items) < 0.2).astype(int)),
-            "title": pd.Series(np.arange(1, n_items + 1)).map("title {}".format),
-            "release_year": year,
-            "genres": pd.Series(np.array(GENRES, dtype=object)[item_genre])
-            + ", "
-            + np.array(GENRES, dtype=object)[second_genre],
-            "countries": cat(COUNTRIES, np.minimum(rng.geometric(0.5, n_items) - 1, len(COUNTRIES) - 1)),
-            "for_kids": cat(["0", "1"], (item_genre == GENRES.index("для детей")).astype(int)),
-            "age_rating": cat(["0", "6", "12", "16", "18"], rng.integers(0, 5, n_items)),
-            "release_decade": (year // 10 * 10).astype(str),
-        }
-    )
+    popularity, item_genre, release_day = _synthetic_catalogue(rng, n_items, n_days)
+    user_genre, activity = _synthetic_audience(rng, n_users, n_items, n_interactions)
+    users, items = _draw_pairs(rng, activity, user_genre, popularity, item_genre, n_interactions)
+    interactions = _watches(rng, users, items, release_day, n_days)
+    users_df, items_df = _user_table(rng, n_users), _item_table(rng, item_genre)
     return RecoData(
         f"synthetic:{n_users}",
         interactions,
