@@ -13,7 +13,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 RUN_ARGS ?=
 
-.PHONY: run test lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
+.PHONY: run test lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,10 @@ clean-nbs: $(DEV_STAMP)
 readme: $(DEV_STAMP)
 	$(BIN)/jupyter nbconvert --to markdown --execute --TagRemovePreprocessor.remove_input_tags=remove_input \
 		--output-dir . --output README nbs/index.ipynb
+# the HTML site in _docs/ (open _docs/index.html): every notebook with its show_doc entries, the API reference, the
+# README as index, the committed reports, offline search (scripts/build-docs, mkdocs.yml)
+docs: $(DEV_STAMP)
+	$(BIN)/python scripts/build-docs
 
 # the service and the tools around it (after `make run` has written models/)
 serve: $(RUN_STAMP)
