@@ -6,6 +6,7 @@ only; `ServiceWorker` hands them, with the keep-alive timeout, to `reco_lab.serv
 `reco-lab serve` runs too: the same limits on the request head (400 beyond them), a timeout for a head that never
 completes, the concurrency limit answered with a JSON 503, and the parser chosen by RECO_LAB_HTTP.
 """
+
 import os
 
 from uvicorn.workers import UvicornWorker
@@ -29,9 +30,14 @@ class ServiceWorker(UvicornWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         settings = Settings()
-        limits = Limits(request_line=self.cfg.limit_request_line, request_fields=self.cfg.limit_request_fields,
-                        request_field_size=self.cfg.limit_request_field_size, keep_alive=self.cfg.keepalive,
-                        header_timeout=settings.header_timeout, concurrency=settings.limit_concurrency)
+        limits = Limits(
+            request_line=self.cfg.limit_request_line,
+            request_fields=self.cfg.limit_request_fields,
+            request_field_size=self.cfg.limit_request_field_size,
+            keep_alive=self.cfg.keepalive,
+            header_timeout=settings.header_timeout,
+            concurrency=settings.limit_concurrency,
+        )
         for name, value in uvicorn_options(settings, limits).items():
             setattr(self.config, name, value)
 

@@ -3,16 +3,13 @@ Dockerfiles, Filebeat and the Elasticsearch mapping are checked for consistency,
 its image runs it (gunicorn with docker/gunicorn.conf.py) to show that its real log lines fit the mapping Filebeat
 ships them into. tests/test_docker.py builds and starts the images on a real engine."""
 
-import http.server
 import importlib.metadata
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import ROOT, demo_export, run
 
-from conftest import ROOT, run
+from reco_lab.core import console_script, free_port
+from reco_lab.service.app import MAX_USER_ID
+from reco_lab.service.bench import SentrySink, stop_process, wait_until_up
+from reco_lab.service.settings import FAILING_MULTIPLE
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -336,7 +337,8 @@ class NotInImage(importlib.abc.MetaPathFinder):
         dists = {norm(d) for d in owners.get(name, [])}
         if "." in name or not dists or name in sys.stdlib_module_names or dists & allowed:
             return None
-        raise ModuleNotFoundError(f"No module named {name!r} (its distribution {sorted(dists)} is not in the image)", name=name)
+        missing = f"No module named {name!r} (its distribution {sorted(dists)} is not in the image)"
+        raise ModuleNotFoundError(missing, name=name)
 sys.meta_path.insert(0, NotInImage())
 from reco_lab.service.app import create_app
 create_app()
@@ -442,78 +444,30 @@ def fits(value, es_type: str) -> bool:
     raise AssertionError(f"the test does not know the type {es_type}")
 
 
-class SentrySink(http.server.ThreadingHTTPServer):
-    "Accepts the Sentry SDK's envelopes, so the service runs with Sentry on (trace ids) and nothing fails."
-
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
 @pytest.fixture(scope="module")
 def image_like_service(tmp_path_factory):
     "The service as the image runs it: gunicorn, docker/gunicorn.conf.py, the environment compose passes."
-    from reco_lab.data import make_synthetic
-    from reco_lab.service.bench import free_port
-    from reco_lab.service.demo import build_demo_export
-
     folder = tmp_path_factory.mktemp("image")
-    models = build_demo_export(folder / "models", make_synthetic(300, 150, 3_000))
-    sink, port = SentrySink(), free_port()
-    env = {
-        **os.environ,
-        "RECO_LAB_MODELS_DIR": str(models),
-        "RECO_LAB_PORT": str(port),
-        "RECO_LAB_EMULATE_ERRORS": "1",
-        "SENTRY_DSN": f"http://key@127.0.0.1:{sink.server_port}/1",
-        "SENTRY_ENVIRONMENT": "compose-test",
-        "GUNICORN_WORKERS": "1",
-        "GUNICORN_TIMEOUT": "30",
-    }
-    log = folder / "stdout.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "gunicorn"),
-                "--config",
-                "docker/gunicorn.conf.py",
-                "reco_lab.service.app:app",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"gunicorn exited:\n{log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, f"gunicorn did not answer:\n{log.read_text()[-3000:]}"
-                time.sleep(0.2)
-        yield url, log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    port, log = free_port(), folder / "stdout.log"
+    with SentrySink(keep=False) as sink:
+        env = {
+            **os.environ,
+            "RECO_LAB_MODELS_DIR": str(demo_export(folder)),
+            "RECO_LAB_PORT": str(port),
+            "RECO_LAB_EMULATE_ERRORS": "1",
+            "SENTRY_DSN": sink.dsn,
+            "SENTRY_ENVIRONMENT": "compose-test",
+            "GUNICORN_WORKERS": "1",
+            "GUNICORN_TIMEOUT": "30",
+        }
+        command = [console_script("gunicorn"), "--config", "docker/gunicorn.conf.py", "reco_lab.service.app:app"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        sink.shutdown()
+            wait_until_up(f"http://127.0.0.1:{port}", proc, log, timeout=90)
+            yield f"http://127.0.0.1:{port}", log
+        finally:
+            stop_process(proc, timeout=20)
 
 
 def status(url: str, headers: dict | None = None) -> int:
@@ -539,8 +493,8 @@ def test_the_service_log_lines_carry_every_mapped_field(image_like_service):
         "/reco/popular/3": 200,
         "/reco/lightgbm/3": 404,
         "/reco/popular/abc": 422,
-        "/reco/als/1332": 500,
-        f"/reco/popular/{10**9 + 1}": 404,
+        f"/reco/als/{2 * FAILING_MULTIPLE}": 500,
+        f"/reco/popular/{MAX_USER_ID + 1}": 404,
     }
     assert {path: status(url + path) for path in expected} == expected
     time.sleep(1.0)

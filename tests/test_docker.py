@@ -15,11 +15,14 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from support import ROOT, demo_export, make_images, run
 
-from conftest import ROOT, make_images, run
+from reco_lab.core import free_port
 
 SERVICE_IMAGE = "reco-lab-service"  # the Makefile's default name, which docker-compose.yml runs
 BUILDKIT_IMAGE = "reco-lab-service:buildkit"
@@ -63,39 +66,28 @@ def images(docker_engine, python_image) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     "A serving export written as `make run` writes it: build_demo_export goes through reco_lab.export.write_export."
-    from reco_lab.data import make_synthetic
-    from reco_lab.service.demo import build_demo_export
+    return Path(demo_export(tmp_path_factory.mktemp("export")))
 
-    return Path(build_demo_export(tmp_path_factory.mktemp("export") / "models", make_synthetic(300, 150, 3_000)))
+
+@contextmanager
+def service_container(engine, image: str, *options: str) -> Iterator[tuple[str, str]]:
+    "`image` run as the README runs it (read-only, /tmp in memory, one worker, port on loopback) until healthy."
+    port = free_port()
+    name = f"reco-lab-test-{os.getpid()}-{port}"
+    published = ("-p", f"127.0.0.1:{port}:8080", "-e", "GUNICORN_WORKERS=1")
+    engine("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", *options, *published, image)
+    try:
+        print(f"{image}: healthy after {wait_healthy(engine, name):.1f} s")
+        yield name, f"http://127.0.0.1:{port}"
+    finally:
+        engine("rm", "-f", name, check=False)
 
 
 @pytest.fixture(scope="module")
 def service(docker_engine, images, export):
-    "The classic builder's image, as the README runs it: read-only, the export mounted read-only, port on loopback."
-    from reco_lab.core import free_port
-
-    port, name = free_port(), f"reco-lab-test-service-{os.getpid()}"
-    docker_engine(
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "-v",
-        f"{export}:/models:ro",
-        "-p",
-        f"127.0.0.1:{port}:8080",
-        "-e",
-        "GUNICORN_WORKERS=1",
-        SERVICE_IMAGE,
-    )
-    try:
-        print(f"{SERVICE_IMAGE}: healthy after {wait_healthy(docker_engine, name):.1f} s")
-        yield name, f"http://127.0.0.1:{port}"
-    finally:
-        docker_engine("rm", "-f", name, check=False)
+    "The classic builder's image with the export mounted read-only."
+    with service_container(docker_engine, SERVICE_IMAGE, "-v", f"{export}:/models:ro") as running:
+        yield running
 
 
 def test_both_builders_make_the_same_runtime_image_without_the_build_s_wheels(docker_engine, images):
@@ -144,53 +136,21 @@ def test_the_container_runs_as_non_root_on_a_read_only_filesystem(docker_engine,
 
 
 def test_the_baked_image_carries_the_export_root_owned(docker_engine, images, export):
-    from reco_lab.core import free_port
-
     tag = "reco-lab-service:baked-test"
-    docker_engine(
-        "build",
-        "-f",
-        str(ROOT / "docker" / "baked.Dockerfile"),
-        "--build-arg",
-        f"SERVICE_IMAGE={SERVICE_IMAGE}",
-        "--network",
-        "none",
-        "-t",
-        tag,
-        str(export),
-    )
-    port, name = free_port(), f"reco-lab-test-baked-{os.getpid()}"
+    baked = ("-f", str(ROOT / "docker" / "baked.Dockerfile"), "--build-arg", f"SERVICE_IMAGE={SERVICE_IMAGE}")
+    docker_engine("build", *baked, "--network", "none", "-t", tag, str(export))
     try:
-        docker_engine(
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--read-only",
-            "--tmpfs",
-            "/tmp",
-            "-p",
-            f"127.0.0.1:{port}:8080",
-            "-e",
-            "GUNICORN_WORKERS=1",
-            tag,
-        )
-        wait_healthy(docker_engine, name)
-        assert get(f"http://127.0.0.1:{port}/reco/popular/3")[0] == 200
-        owners = docker_engine("exec", name, "stat", "-c", "%U %a", "/models", "/models/manifest.json").stdout.split(
-            "\n"
-        )
-        assert owners[:2] == ["root 755", "root 644"]
+        with service_container(docker_engine, tag) as (name, url):
+            assert get(f"{url}/reco/popular/3")[0] == 200
+            owners = docker_engine("exec", name, "stat", "-c", "%U %a", "/models", "/models/manifest.json").stdout
+            assert owners.split("\n")[:2] == ["root 755", "root 644"]
     finally:
-        docker_engine("rm", "-f", name, check=False)
         docker_engine("rmi", tag, check=False)
 
 
 def test_the_compose_service_profile_comes_up_healthy_serves_and_goes(docker_engine, images, export, tmp_path):
     """docker-compose (1.29, Debian's) brings the `service` profile up on BuildKit's image and the export, waits for
     its healthcheck, and `down` removes its container and network."""
-    from reco_lab.core import free_port
-
     port, project = free_port(), f"reco-lab-test-{os.getpid()}"
     settings = {
         "SERVICE_IMAGE": BUILDKIT_IMAGE,

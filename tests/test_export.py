@@ -8,9 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-from reco_lab.data import make_synthetic
-from reco_lab.service.demo import build_demo_export
+from support import demo_export
 
 LOAD = (
     "import sys; from reco_lab.export import ExportError, load_export\n"
@@ -40,7 +38,7 @@ def export_dir():
     root = Path(tempfile.mkdtemp(prefix="reco-lab-export-"))
     root.chmod(0o755)  # mkdtemp's 0700 would hide the export itself, not what this test is about
     try:
-        yield build_demo_export(root / "models", make_synthetic(300, 150, 3_000))
+        yield demo_export(root)
     finally:
         shutil.rmtree(root)
 

@@ -14,15 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reco_lab.data import make_synthetic
-from reco_lab.export import load_export
+from support import demo_export, warm_user
+
 from reco_lab.service.bench import SentrySink, live_service
-from reco_lab.service.demo import build_demo_export
+from reco_lab.service.logging import INT64
 from reco_lab.service.server import server_stack
+from reco_lab.service.settings import FAILING_MULTIPLE
 
 TOKEN = "hostile-t0ken"
 STACKS = ["h11"] + (["httptools"] if server_stack("auto")[0] == "httptools" else [])
-INT64 = 2**63
+FAILING = 2 * FAILING_MULTIPLE  # fails on purpose: the demo configuration emulates errors
 
 
 # --- a raw HTTP/1.1 client --------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ class Connection:
         return line
 
     def closed_by_server(self, timeout: float = 10.0) -> bool:
-        "True once the server closes the connection (whatever it sent before), False if it is still open after `timeout`."
+        "True once the server closes the connection (whatever it sent before), False if still open after `timeout`."
         self.sock.settimeout(timeout)
         try:
             while self.sock.recv(65536):
@@ -169,12 +170,17 @@ def problems(lines: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    return build_demo_export(tmp_path_factory.mktemp("export") / "models", make_synthetic(400, 200, 4_000))
+    return demo_export(tmp_path_factory.mktemp("export"))
+
+
+def on_stack(export_dir, stack: str, logs, name: str, env: dict):
+    "`live_service` on the HTTP stack `stack`, its log `<name>-<stack>.log` in `logs`."
+    return live_service(export_dir, env=env, args=("--http", stack), log=logs / f"{name}-{stack}.log")
 
 
 @pytest.fixture(scope="module")
 def warm(export_dir) -> int:
-    return next(int(u) for u in load_export(export_dir).users if u % 666)
+    return warm_user(export_dir)
 
 
 @pytest.fixture(scope="module", params=STACKS)
@@ -187,12 +193,7 @@ def hostile(request, export_dir, tmp_path_factory):
             "SENTRY_DSN": sink.dsn,
             "SENTRY_ENVIRONMENT": "hostile",
         }
-        with live_service(
-            export_dir,
-            env=env,
-            args=("--http", request.param),
-            log=tmp_path_factory.mktemp("logs") / f"hostile-{request.param}.log",
-        ) as service:
+        with on_stack(export_dir, request.param, tmp_path_factory.mktemp("logs"), "hostile", env) as service:
             service.sink, service.stack = sink, request.param
             yield service
 
@@ -297,7 +298,7 @@ def test_the_emulated_failure_answers_500_and_keeps_the_connection(hostile, warm
     log = Log(hostile)
     log.skip()
     with Connection(hostile.url) as conn:
-        conn.send(request("/reco/als/1332", TOKEN), request(f"/reco/als/{warm}", TOKEN), request("/health"))
+        conn.send(request(f"/reco/als/{FAILING}", TOKEN), request(f"/reco/als/{warm}", TOKEN), request("/health"))
         failed, after, health = conn.response(), conn.response(), conn.response()
         assert failed.status == 500 and failed.json() == {
             "errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]
@@ -324,12 +325,7 @@ def test_the_emulated_failure_answers_500_and_keeps_the_connection(hostile, warm
 def limited(request, export_dir, tmp_path_factory):
     "Small limits to reach them quickly: a head timeout of 2 s, 8 connections or requests in flight."
     env = {"RECO_LAB_HEADER_TIMEOUT": "2", "RECO_LAB_LIMIT_CONCURRENCY": "8"}
-    with live_service(
-        export_dir,
-        env=env,
-        args=("--http", request.param),
-        log=tmp_path_factory.mktemp("logs") / f"limited-{request.param}.log",
-    ) as service:
+    with on_stack(export_dir, request.param, tmp_path_factory.mktemp("logs"), "limited", env) as service:
         yield service
 
 
@@ -483,13 +479,16 @@ def test_the_docs_can_be_turned_off(export_dir, tmp_path, hostile):
 segments = st.one_of(
     st.text(max_size=30),
     st.binary(max_size=30),
-    st.sampled_from(FAMILY + ["1332", "+666", "0666", "666.0", "", ".", ".."]),
+    st.sampled_from(
+        FAMILY + [str(FAILING), f"+{FAILING_MULTIPLE}", f"0{FAILING_MULTIPLE}", f"{FAILING_MULTIPLE}.0", "", ".", ".."]
+    ),
     st.integers(-(10**25), 10**25).map(str),
 )
 
 
 def test_arbitrary_path_segments_get_one_answer_each_and_the_connection_survives(hostile, warm):
-    "Each hostile request is followed by a normal one on the same connection: both answered, no 5xx but the emulated failure, one access line each."
+    """Each hostile request is followed by a normal one on the same connection: both answered, no 5xx but the
+    emulated failure, one access line each."""
     log = Log(hostile)
     log.skip()
     seen = {"requests": 0, "statuses": set()}

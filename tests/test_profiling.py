@@ -1,33 +1,16 @@
-"`reco-lab profile` end to end on a small real export: every report file, parseable, with application frames and no reloader."
+"""`reco-lab profile` end to end on a small real export: every report file, parseable, with application frames
+and no reloader."""
 
 import json
 import xml.dom.minidom
 
-from conftest import ROOT, run, tool
-
-from reco_lab.data import make_synthetic
-from reco_lab.service.demo import build_demo_export
+from support import demo_export, reco_lab
 
 
 def test_reco_lab_profile_writes_every_report(tmp_path):
-    export = build_demo_export(tmp_path / "models", make_synthetic(400, 200, 4_000))
     out = tmp_path / "profiling"
-    done = run(
-        [
-            tool("reco-lab"),
-            "profile",
-            "--models-dir",
-            str(export),
-            "--out",
-            str(out),
-            "--seconds",
-            "2",
-            "--rate",
-            "100",
-        ],
-        cwd=ROOT,
-        timeout=300,
-    )
+    options = ["--seconds", "2", "--rate", "100"]
+    done = reco_lab("profile", "--models-dir", str(demo_export(tmp_path)), "--out", str(out), *options, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     targets = ["health", "popular", "knn", "als"]
     for target in targets:
@@ -37,7 +20,7 @@ def test_reco_lab_profile_writes_every_report(tmp_path):
         raw = (out / f"{target}.txt").read_text()
         assert "reco_lab/service/" in raw and "reload" not in raw
         if target != "health":
-            assert "get_reco" in raw and "Export.recommend (reco_lab/export.py" in raw
+            assert "add_routes.<locals>.get_reco" in raw and "Export.recommend (reco_lab/export.py" in raw
     profiles = json.loads((out / "profiles.json").read_text())
     assert [t["target"] for t in profiles["targets"]] == targets
     readme = (out / "README.md").read_text()

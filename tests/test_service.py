@@ -1,4 +1,5 @@
-"The recommendation service against a live `reco-lab serve` over HTTP: contract, auth, Sentry envelopes, ECS logs, start-up checks, fuzzing."
+"""The recommendation service against a live `reco-lab serve` over HTTP: contract, auth, Sentry envelopes, ECS
+logs, start-up checks, fuzzing."""
 
 import json
 import time
@@ -6,31 +7,41 @@ import urllib.error
 import urllib.request
 
 import pytest
+from support import demo_export, warm_user
 
-from reco_lab.data import make_synthetic
+from reco_lab.core import free_port
 from reco_lab.export import load_export
-from reco_lab.service.bench import SentrySink, ServiceFailed, free_port, live_service
-from reco_lab.service.demo import build_demo_export
+from reco_lab.service.app import MAX_USER_ID
+from reco_lab.service.bench import SentrySink, ServiceFailed, live_service
+from reco_lab.service.settings import FAILING_MULTIPLE
 
 TOKEN = "t0ken-for-tests-only"
+FAILING = 2 * FAILING_MULTIPLE  # a user id that fails on purpose when error emulation is on
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    return build_demo_export(tmp_path_factory.mktemp("export") / "models", make_synthetic(400, 200, 4_000))
+    return demo_export(tmp_path_factory.mktemp("export"))
+
+
+def get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, dict, object]:
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, dict(reply.headers), json.load(reply)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.load(e)
 
 
 @pytest.fixture(scope="module")
-def warm_user(export_dir):
-    export = load_export(export_dir)
-    return next(int(u) for u in export.users if u % 666)
+def warm(export_dir) -> int:
+    return warm_user(export_dir)
 
 
 @pytest.fixture(scope="module")
 def sentry():
-    sink = SentrySink()
-    yield sink
-    sink.server.shutdown()
+    with SentrySink() as sink:
+        yield sink
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +65,6 @@ def open_service(export_dir, tmp_path_factory):
         yield service
 
 
-def get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, dict, object]:
-    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, dict(reply.headers), json.load(reply)
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.load(e)
-
-
 def error_key(body) -> str:
     assert set(body) == {"errors"} and set(body["errors"][0]) == {"error_key", "error_message", "error_loc"}, body
     return body["errors"][0]["error_key"]
@@ -76,15 +78,15 @@ def test_health_and_models(open_service):
     assert get(open_service.url + "/models")[::2] == (200, {"models": ["popular", "knn", "als"]})
 
 
-def test_reco_gives_k_distinct_unseen_items_for_every_model(open_service, export_dir, warm_user):
+def test_reco_gives_k_distinct_unseen_items_for_every_model(open_service, export_dir, warm):
     export = load_export(export_dir)
-    row = export.row(warm_user)
+    row = export.row(warm)
     seen = set(export.seen_items[export.seen_indptr[row] : export.seen_indptr[row + 1]].tolist())
     for model in export.models:
-        status, _, body = get(f"{open_service.url}/reco/{model}/{warm_user}")
-        assert status == 200 and body["user_id"] == warm_user
+        status, _, body = get(f"{open_service.url}/reco/{model}/{warm}")
+        assert status == 200 and body["user_id"] == warm
         assert len(body["items"]) == 10 == len(set(body["items"])) and not seen & set(body["items"]), (model, body)
-        assert body["items"] == export.recommend(model, warm_user, 10)
+        assert body["items"] == export.recommend(model, warm, 10)
 
 
 def test_cold_user_gets_the_popular_fallback(open_service, export_dir):
@@ -92,16 +94,16 @@ def test_cold_user_gets_the_popular_fallback(open_service, export_dir):
     assert status == 200 and body["items"] == load_export(export_dir).popular[:10].tolist()
 
 
-def test_errors_share_one_body(open_service, warm_user):
-    status, _, body = get(f"{open_service.url}/reco/lightgbm/{warm_user}")
+def test_errors_share_one_body(open_service, warm):
+    status, _, body = get(f"{open_service.url}/reco/lightgbm/{warm}")
     assert (
         status == 404
         and error_key(body) == "model_not_found"
         and body["errors"][0]["error_loc"] == ["path", "model_name"]
     )
-    status, _, body = get(f"{open_service.url}/reco/knn/{10**9 + 1}")
+    status, _, body = get(f"{open_service.url}/reco/knn/{MAX_USER_ID + 1}")
     assert status == 404 and error_key(body) == "user_not_found"
-    status, _, body = get(f"{open_service.url}/reco/knn/{10**9}")
+    status, _, body = get(f"{open_service.url}/reco/knn/{MAX_USER_ID}")
     assert status == 200
     status, _, body = get(f"{open_service.url}/reco/knn/12.5")
     assert status == 422 and body["errors"][0]["error_loc"] == ["path", "user_id"]
@@ -112,7 +114,7 @@ def test_errors_share_one_body(open_service, warm_user):
 
 
 def test_emulation_off_and_dead_dsn_do_not_fail_requests(open_service):
-    status, _, body = get(f"{open_service.url}/reco/knn/666")
+    status, _, body = get(f"{open_service.url}/reco/knn/{FAILING_MULTIPLE}")
     assert status == 200 and len(body["items"]) == 10
     for _ in range(5):  # each captures a warning for a DSN nobody listens on: answers still come, as 404s
         assert get(f"{open_service.url}/reco/nope/1")[0] == 404
@@ -121,9 +123,9 @@ def test_emulation_off_and_dead_dsn_do_not_fail_requests(open_service):
 # --- the token ----------------------------------------------------------------------------------------------------
 
 
-def test_token_guards_reco_and_models_but_not_health(guarded, warm_user):
+def test_token_guards_reco_and_models_but_not_health(guarded, warm):
     assert get(guarded.url + "/health")[0] == 200
-    for path in ("/models", f"/reco/knn/{warm_user}"):
+    for path in ("/models", f"/reco/knn/{warm}"):
         for token in (None, "wrong", TOKEN + "x"):
             status, headers, body = get(guarded.url + path, token)
             assert (
@@ -138,9 +140,9 @@ def test_token_guards_reco_and_models_but_not_health(guarded, warm_user):
 def access_line(service, path: str) -> dict:
     for _ in range(50):
         lines = [
-            l
-            for l in service.log_lines()
-            if l.get("event", {}).get("dataset") == "reco_lab.access" and l["url"]["path"] == path
+            line
+            for line in service.log_lines()
+            if line.get("event", {}).get("dataset") == "reco_lab.access" and line["url"]["path"] == path
         ]
         if lines:
             return lines[-1]
@@ -148,30 +150,30 @@ def access_line(service, path: str) -> dict:
     raise AssertionError(f"no access line for {path}")
 
 
-def test_unknown_model_is_a_warning_event_with_tags(guarded, sentry, warm_user):
-    path = f"/reco/lightgbm/{warm_user}"
+def test_unknown_model_is_a_warning_event_with_tags(guarded, sentry, warm):
+    path = f"/reco/lightgbm/{warm}"
     status, _, body = get(guarded.url + path, TOKEN)
     assert status == 404 and error_key(body) == "model_not_found"
     event = next(e for e in sentry.events() if e["exception"]["values"][-1]["type"] == "ModelNotFound")
     assert event["level"] == "warning" and event["environment"] == "ci-test"
-    assert event["tags"]["model_name"] == "lightgbm" and str(event["tags"]["user_id"]) == str(warm_user)
+    assert event["tags"]["model_name"] == "lightgbm" and str(event["tags"]["user_id"]) == str(warm)
     line = access_line(guarded, path)
     assert line["trace"]["id"] == event["contexts"]["trace"]["trace_id"]
     assert line["http"]["response"]["status_code"] == 404 and line["reco"] == {
         "model_name": "lightgbm",
-        "user_id": warm_user,
+        "user_id": warm,
     }
 
 
 def test_emulated_failure_is_a_500_and_an_error_event_with_its_stack(guarded, sentry):
-    path = "/reco/als/1332"
+    path = f"/reco/als/{FAILING}"
     status, _, body = get(guarded.url + path, TOKEN)
     assert status == 500 and body == {
         "errors": [{"error_key": "server_error", "error_message": "internal server error", "error_loc": None}]
     }
     event = next(e for e in sentry.events(count=2) if e["exception"]["values"][-1]["type"] == "EmulatedFailure")
     assert event["level"] == "error" and event["environment"] == "ci-test"
-    assert event["tags"]["model_name"] == "als" and str(event["tags"]["user_id"]) == "1332"
+    assert event["tags"]["model_name"] == "als" and str(event["tags"]["user_id"]) == str(FAILING)
     frames = [f["function"] for f in event["exception"]["values"][-1]["stacktrace"]["frames"]]
     assert frames[-2:] == ["get_reco", "recommend"], frames
     assert access_line(guarded, path)["trace"]["id"] == event["contexts"]["trace"]["trace_id"]
@@ -193,7 +195,7 @@ def test_one_ecs_line_per_request(open_service):
     get(open_service.url + "/health")
     time.sleep(0.3)
     new = open_service.log_lines()[before:]
-    assert [l["message"] for l in new] == ["GET /reco/popular/3 200", "GET /health 200"], new
+    assert [line["message"] for line in new] == ["GET /reco/popular/3 200", "GET /health 200"], new
     line = new[0]
     assert line["log.level"] == "info" and line["ecs.version"] and line["@timestamp"]
     assert (
@@ -205,7 +207,7 @@ def test_one_ecs_line_per_request(open_service):
         and line["reco"] == {"model_name": "popular", "user_id": 3}
         and len(line["trace"]["id"]) == 32
     )
-    assert not any(l["log"]["logger"] == "uvicorn.access" for l in open_service.log_lines())
+    assert not any(line["log"]["logger"] == "uvicorn.access" for line in open_service.log_lines())
 
 
 # --- start-up -----------------------------------------------------------------------------------------------------
@@ -222,16 +224,17 @@ def test_corrupted_export_stops_start_up_with_one_message_naming_the_file(export
     with pytest.raises(ServiceFailed) as failed:
         with live_service(broken, log=tmp_path / "serve.log"):
             pass
-    lines = [json.loads(l) for l in (tmp_path / "serve.log").read_text().splitlines() if l.startswith("{")]
-    errors = [l for l in lines if l["log.level"] == "error"]
-    assert [l["message"] for l in errors][-1] == "Application startup failed. Exiting."
+    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")]
+    errors = [line for line in lines if line["log.level"] == "error"]
+    assert [line["message"] for line in errors][-1] == "Application startup failed. Exiting."
     assert len(errors) == 2 and str(path) in errors[0]["message"] and "sha256" in errors[0]["message"], errors
     assert errors[0]["error"]["type"] == "ExportError" and "Traceback" not in (tmp_path / "serve.log").read_text()
     assert "exited with code 3" in str(failed.value)
 
 
 def test_import_loads_nothing():
-    "Importing the module reads no settings and starts no SDK; the app exists on first access; the export loads at start-up only."
+    """Importing the module reads no settings and starts no SDK; the app exists on first access; the export loads
+    at start-up only."""
     import os
     import subprocess
     import sys
