@@ -65,8 +65,7 @@ def best_runs_per_model(
 def register_champion(
     run: pd.Series, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS, uri: str | None = None
 ) -> ModelVersion:
-    "Register the run's MLflow model (`model/`) as a new version of `name`, point `alias` at it, move the run tag"
-    "`alias` to it."
+    "Register the run's MLflow model (`model/`) as a version of `name`, point `alias` and the run tag at it."
     client = check_tracking(uri)
     if "model/MLmodel" not in {a.path for a in client.list_artifacts(run["run_id"], "model")}:
         raise LookupError(f"run {run['run_id']} has no MLflow model at model/: log it first (publish_models)")
@@ -151,8 +150,7 @@ def build_export(
     uri: str | None = None,
     log=print,
 ) -> Path:
-    "Export the estimators of the given runs (the best per served model), with the champion (and its registry name,"
-    "alias)."
+    "Export the estimators of the given runs (best per served model) with the champion and its registry name."
     models = {}
     for name, run in runs.items():
         params = {
@@ -189,8 +187,7 @@ def build_export(
 def fetch_champion_export(
     dest: str | Path, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS, uri: str | None = None
 ) -> Path:
-    "Download the export inside the registered model `<name>@<alias>` into `dest`, verified (for a service on another"
-    "host)."
+    "Download and verify the export inside the registered model `<name>@<alias>` into `dest`."
     return download_export(f"models:/{name}@{alias}", dest, tracking=check_tracking(uri).tracking_uri)
 
 # %% ../nbs/23_select_champion.ipynb #63308208
@@ -203,8 +200,7 @@ def publish_models(
     uri: str | None = None,
     log=print,
 ) -> None:
-    "Log each served run's MLflow model at `model/`: the champion's over the whole export, the others' over their own"
-    "lists."
+    "Log each served run's MLflow model at `model/`: the champion's over the whole export, others' over theirs."
     client = check_tracking(uri)
     for name, run in runs.items():
         has_model = "model/MLmodel" in {a.path for a in client.list_artifacts(run["run_id"], "model")}

@@ -189,8 +189,7 @@ def _age_bucket(age: pd.Series) -> pd.Series:
 
 # %% ../nbs/01_data.ipynb #172eaa11
 def load_movielens_100k(cache: Path | None = None) -> RecoData:
-    "Real MovieLens-100k: 100k ratings with timestamps, user (age, gender, occupation) and item (genres, year)"
-    "features."
+    "Real MovieLens-100k: 100k timestamped ratings, user (age, gender, occupation), item (genres, year) features."
     folder = ml100k_files(cache)
     inter = _read_atomic(folder / "ml-100k.inter")
     interactions = pd.DataFrame(
@@ -541,8 +540,7 @@ def write_kion(data: RecoData, folder: str | Path) -> Path:
 
 # %% ../nbs/01_data.ipynb #b3f0f788
 def parse_dataset(spec: str) -> tuple[str, str]:
-    "Check a dataset name without loading it: (`ml-100k`|`kion`|`synthetic`, argument); DataError if it cannot be"
-    "loaded."
+    "Check a dataset name without loading it: (`ml-100k`|`kion`|`synthetic`, argument); DataError if unusable."
     kind, _, arg = spec.partition(":")
     if kind == "ml-100k" and not arg:
         return kind, arg

@@ -27,8 +27,7 @@ PROTOCOLS = ("last_n", "next_n", "time")
 
 
 def default_protocol(data: RecoData | str) -> str:
-    "The protocol a dataset (or dataset name) is evaluated with unless told otherwise: `last_n` for ML-100k, else"
-    "`time`."
+    "The protocol a dataset (or its name) is evaluated with by default: `last_n` for ML-100k, else `time`."
     return "last_n" if (data if isinstance(data, str) else data.name) == "ml-100k" else "time"
 
 # %% ../nbs/02_evaluation.ipynb #4bf20e06

@@ -122,8 +122,7 @@ def quick_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_params(name: str, dataset: str, given: dict[str, Any] | None = None, quick: bool = False) -> dict[str, Any]:
-    "Model `name`'s params: `DEFAULTS[name]`, the tuned values for `dataset`, the non-None `given`; `quick_params` if"
-    "quick."
+    "Model `name`'s params: its DEFAULTS, the tuned values for `dataset`, the non-None `given`; capped if quick."
     defaults = model_module(name).DEFAULTS[name]
     tuned = tuned_config(dataset).get(name, {}).get("params", {})
     if unknown := set(tuned) - set(defaults):
@@ -326,8 +325,7 @@ def run_experiment(
     uri: str | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Run, pd.DataFrame, ModelBase]:
-    "Evaluate model `name` on `folds` (validation and test), log the model fitted on all data: (run, table, that"
-    "model)."
+    "Evaluate `name` on `folds` (validation, test), log the model fitted on all data: (run, table, model)."
     fit = fit or (lambda fold, run: fit_fold(name, params, fold, run, data))
     all_tags = {"split": split_id(folds), "params_source": params_source(name, data.name), **(tags or {})}
     with tracked_run(
@@ -379,8 +377,7 @@ def topk_items(
     num_threads: int | None = None,
     with_scores: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    "Top-`k` unseen external item ids of each of `users` (external ids) as a -1 padded matrix (and the scores, NaN"
-    "padded)."
+    "Top-`k` unseen item ids of each of `users` as a -1 padded matrix (and the NaN padded scores)."
     from implicit.cpu.topk import topk
 
     users = np.asarray(users)

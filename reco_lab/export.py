@@ -57,8 +57,7 @@ def write_export(
     popular: np.ndarray,
     meta: dict[str, Any],
 ) -> Path:
-    "Atomically write a serving export: per-model top-k matrices aligned with `users`, seen items, popular fallback,"
-    "manifest."
+    "Atomically write a serving export: top-k matrices aligned with `users`, seen items, fallback, manifest."
     folder = Path(folder)
     users = np.asarray(users, dtype=np.int64)
     order = np.argsort(users, kind="stable")

@@ -131,8 +131,7 @@ def resolve_model_uri(uri: str, store: str) -> str:
 
 # %% ../nbs/22_registry.ipynb #acf92492
 def download_export(uri: str, cache_dir: str | Path, tracking: str | None = None) -> Path:
-    "Download the MLflow model at `uri` (`models:/` resolved in `tracking`, default reco_lab's store) into"
-    "`cache_dir`; its verified export."
+    "Download the MLflow model at `uri` (`models:/` resolved in `tracking`) into `cache_dir`; its verified export."
     from mlflow.exceptions import MlflowException
 
     from reco_lab.tracking import TrackingUnavailable, check_tracking, tracking_uri

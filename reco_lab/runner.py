@@ -149,8 +149,7 @@ def checked_value(job: Job, key: str, value: Any) -> Any:
 
 # %% ../nbs/51_runner.ipynb #f26933b2
 def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None, jobs: list[Job] = STUDY) -> list[Job]:
-    "The jobs to run: the study filtered by `only`, each expanded over the grid keys its notebook declares (values"
-    "checked)."
+    "The jobs to run: the study filtered by `only`, each expanded over the grid keys its notebook declares."
     selected = [j for j in jobs if not only or j.name in only or j.notebook in only]
     if only and (unknown := set(only) - {j.name for j in jobs} - {j.notebook for j in jobs}):
         raise ValueError(
@@ -213,8 +212,7 @@ def execute_job(job: Job, out: Path, index: int, params: dict[str, Any]) -> Path
 
 # %% ../nbs/51_runner.ipynb #3fbcbcfd
 def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int:
-    "Log an executed notebook's HTML (`notebook/<name>.html`) to the study's runs it made (`notebook` None: to all of"
-    "them)."
+    "Log an executed notebook's HTML to the runs of the study it made (`notebook` None: to all of them)."
     client = check_tracking()
     count = 0
     for experiment in ("candidates", "ranker", "tuning"):
@@ -362,8 +360,7 @@ def fold_values(run_id: str, metric: str = MAIN_METRIC, uri: str | None = None) 
 
 # %% ../nbs/51_runner.ipynb #0284e7d1
 def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str | None = None) -> pd.DataFrame:
-    "One row per run, best validation MAP@10 first: validation and test MAP@10, per fold, the CI vs the champion, the"
-    "rest."
+    "One row per run, best validation MAP@10 first: validation and test MAP@10, per fold, CI vs the champion."
     rows = []
     for _, r in runs.iterrows():
 

@@ -224,8 +224,7 @@ def pg_can_enter(folder: Path) -> bool:
 
 # %% ../nbs/50_stack.ipynb #a1bf3818
 def pg_root_for(folder: Path) -> Path:
-    "Where PostgreSQL's files go for a stack in `folder`: `folder/postgres`, or a temp folder the server's user can"
-    "reach."
+    "PostgreSQL's folder for a stack in `folder`: `folder/postgres`, or a temp folder its user can reach."
     root = folder / "postgres"
     if not pg_can_enter(folder):
         root = Path(tempfile.mkdtemp(prefix="reco-lab-pg-"))
@@ -491,8 +490,7 @@ def start_s3(stack: Stack, timeout: float = 60) -> None:
 
 # %% ../nbs/50_stack.ipynb #13258d5b
 def stop_s3(stack: Stack, grace: float = 20) -> None:
-    "Stop SeaweedFS (SIGTERM, SIGKILL after `grace` seconds); its data stays on disk. An external endpoint is left"
-    "alone."
+    "Stop SeaweedFS (SIGTERM, then SIGKILL after `grace` s); its data stays on disk. An external endpoint is kept."
     if (proc := process(stack, "s3")) is not None:
         kill_tree(proc, timeout=grace)
         for port in (stack.s3_port, *stack.weed_ports):

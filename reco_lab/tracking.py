@@ -289,8 +289,7 @@ def runs_frame(runs) -> pd.DataFrame:
 
 # %% ../nbs/03_tracking.ipynb #9f39ba01
 def search_runs(experiment: str = "candidates", *, uri: str | None = None, **tags: str | None) -> pd.DataFrame:
-    "Finished runs of an experiment whose tags equal `tags` (None: any), oldest first (through the client: no global"
-    "URI)."
+    "Finished runs of an experiment whose tags equal `tags` (None: any), oldest first, through the client."
     client = check_tracking(uri)
     found = client.get_experiment_by_name(experiment_name(experiment))
     if found is None:
@@ -322,8 +321,7 @@ CHAMPION_ALIAS = "champion"
 
 
 def champion_alias(protocol: str, default_protocol: str) -> str:
-    "The registry alias of a protocol's champion: `champion` for the dataset's default protocol, else"
-    "`champion_<protocol>`."
+    "The registry alias of a protocol's champion: `champion` for the default protocol, else `champion_<protocol>`."
     return CHAMPION_ALIAS if protocol == default_protocol else f"{CHAMPION_ALIAS}_{protocol}"
 
 # %% ../nbs/03_tracking.ipynb #ddad2f21

@@ -172,8 +172,7 @@ def start_dockerd(data_root: Path, run_dir: Path, timeout: float = 60) -> tuple[
 
 
 def stop_dockerd(proc: subprocess.Popen, run_dir: Path) -> list[str]:
-    "SIGTERM to dockerd (it stops its containerd), SIGKILL after 60 s; kill what still runs from `run_dir`, and say"
-    "what."
+    "SIGTERM to dockerd (it stops its containerd), SIGKILL after 60 s; kill what still runs from `run_dir`, say what."
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -302,8 +301,7 @@ def mlflow_image(docker_engine, python_image) -> str:
 
 @contextmanager
 def mlflow_container(engine: Engine, image: str, stack, timeout: float = 300) -> Iterator[int]:
-    "The MLflow image serving on a `reco_lab.stack`'s PostgreSQL and S3; yields its port (host network: both listen"
-    "on 127.0.0.1)."
+    "The MLflow image on a `reco_lab.stack`'s PostgreSQL and S3; yields its port (host network, 127.0.0.1)."
     from reco_lab.core import free_port
 
     port = free_port()

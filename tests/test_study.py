@@ -349,8 +349,7 @@ def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
 
 
 def test_the_registered_champion_is_an_mlflow_model(study):
-    "`mlflow.pyfunc.load_model('models:/reco_lab@champion')` predicts the service's 10 distinct items, with a"
-    "signature."
+    "`mlflow.pyfunc.load_model('models:/reco_lab@champion')` predicts the service's 10 items, with a signature."
     tmp, env, _ = study
     code = (
         "import json, mlflow, pandas as pd\n"
