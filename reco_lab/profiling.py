@@ -6,8 +6,8 @@
 __all__ = ['Stacks', 'LAYERS', 'JSON_LAYER', 'MARKERS', 'RELOADER_FRAMES', 'DISPATCH', 'COLOURS', 'parse_collapsed', 'frame_file',
            'layer', 'function_name', 'profile_stats', 'flamegraph_svg', 'speedscope_json', 'write_views',
            'TargetProfile', 'py_spy_record', 'record_target', 'profiles_json', 'profile_service', 'format_ms',
-           'against_health', 'interpret', 'before_after', 'comparison', 'comparison_chart', 'target_section',
-           'profiles_report', 'profile_parser', 'main']
+           'against_health', 'interpret', 'before_after', 'profile_row', 'comparison', 'comparison_chart',
+           'target_section', 'profiles_report', 'profile_parser', 'main']
 
 # %% ../nbs/40_profiling.ipynb #c6091df7
 import reco_lab.core  # noqa: F401
@@ -27,7 +27,7 @@ from .core import console_script, project_root
 from .export import load_export
 from .export import models_dir as default_models_dir
 from .service.bench import LiveService, Load, export_facts, live_service, load_tool, measured_load, run_load
-from .service.bench import warm_paths
+from .service.bench import add_load_options, warm_paths
 
 # %% ../nbs/40_profiling.ipynb #f9b4b440
 Stacks = list[tuple[tuple[str, ...], int]]
@@ -387,24 +387,24 @@ def before_after(profiles: list[TargetProfile], before: dict) -> list[str]:
     return lines
 
 # %% ../nbs/40_profiling.ipynb #b233b0f3
+def profile_row(p: TargetProfile) -> dict:
+    "One target's load figures, samples, CPU per request and its split by layer (ms per request)."
+    cpu = p.cpu_ms_per_request
+    return {
+        "target": p.path,
+        "req/s": round(p.load.rps),
+        "p50 ms": round(p.load.p50_ms, 2),
+        "p99 ms": round(p.load.p99_ms, 2),
+        "samples": p.stats["samples"],
+        "CPU ms/request": round(cpu, 3),
+        **{f"{k} ms": round(v * cpu, 3) for k, v in p.stats["layers"].items()},
+        "model work ms": round(p.stats["activities"]["model work"] * cpu, 3),
+    }
+
+
 def comparison(profiles: list[TargetProfile]) -> pd.DataFrame:
-    "Targets side by side: load figures, samples, CPU per request and its split by layer (ms per request)."
-    rows = []
-    for p in profiles:
-        cpu = p.cpu_ms_per_request
-        rows.append(
-            {
-                "target": p.path,
-                "req/s": round(p.load.rps),
-                "p50 ms": round(p.load.p50_ms, 2),
-                "p99 ms": round(p.load.p99_ms, 2),
-                "samples": p.stats["samples"],
-                "CPU ms/request": round(cpu, 3),
-                **{f"{k} ms": round(v * cpu, 3) for k, v in p.stats["layers"].items()},
-                "model work ms": round(p.stats["activities"]["model work"] * cpu, 3),
-            }
-        )
-    return pd.DataFrame(rows).set_index("target")
+    "Targets side by side, one `profile_row` each."
+    return pd.DataFrame([profile_row(p) for p in profiles]).set_index("target")
 
 # %% ../nbs/40_profiling.ipynb #b547b02a
 def comparison_chart(profiles: list[TargetProfile], path: str | Path):
@@ -472,16 +472,10 @@ def profiles_report(profiles: list[TargetProfile], meta: dict) -> str:
 # %% ../nbs/40_profiling.ipynb #f7d206d5
 def profile_parser() -> argparse.ArgumentParser:
     "Arguments of `reco-lab profile`, the parameters of this notebook."
-    p = argparse.ArgumentParser(
-        prog="reco-lab profile", description="Profile the live service with py-spy into reports/profiling/."
-    )
-    p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
+    what = "Profile the live service with py-spy into reports/profiling/."
+    p = add_load_options(argparse.ArgumentParser(prog="reco-lab profile", description=what), 10.0, "and recording")
     p.add_argument("--out", default=str(project_root() / "reports" / "profiling"), help="output folder")
-    p.add_argument("--seconds", type=float, default=10.0, help="load and recording per target (default 10)")
-    p.add_argument("--connections", type=int, default=16)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
-    tools = {"choices": ["auto", "wrk", "asyncio"], "default": "auto"}
-    p.add_argument("--tool", **tools, help="load generator (auto: wrk if installed)")
     p.add_argument("--native", action="store_true", help="also sample native (C) frames")
     return p
 

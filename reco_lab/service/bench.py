@@ -8,7 +8,7 @@ __all__ = ['ALL_MODELS', 'UNKNOWN_MODEL', 'WRK_SCRIPT', 'RPS_TARGET', 'P99_TARGE
            'target_paths', 'parse_duration_ms', 'parse_wrk', 'run_wrk', 'run_asyncio', 'load_tool', 'run_load',
            'Variant', 'served_stack', 'variants', 'Comparison', 'comparisons', 'measured_load', 'target_summary',
            'comparison_row', 'Bench', 'start_variants', 'bench_rounds', 'export_facts', 'bench_meta', 'bench_service',
-           'served_section', 'side_by_side_section', 'bench_report', 'bench_parser', 'main']
+           'served_section', 'side_by_side_section', 'bench_report', 'add_load_options', 'bench_parser', 'main']
 
 # %% ../../nbs/36_service_bench.ipynb #599e4f95
 import reco_lab.core  # noqa: F401
@@ -658,43 +658,41 @@ def bench_report(bench: Bench) -> str:
     "The benchmark as markdown: setup, per-target table, ratios, memory, verdicts, side-by-side comparisons."
     return "\n".join(served_section(bench) + side_by_side_section(bench)) + "\n"
 
+# %% ../../nbs/36_service_bench.ipynb #301b61a3
+def add_load_options(p: argparse.ArgumentParser, seconds: float, per: str) -> argparse.ArgumentParser:
+    "`p` with the export, the seconds of load `per` target (default `seconds`), the connections and the load tool."
+    p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
+    p.add_argument("--seconds", type=float, default=seconds, help=f"load {per} (default {seconds:g})")
+    p.add_argument("--connections", type=int, default=16)
+    tools = {"choices": ["auto", "wrk", "asyncio"], "default": "auto"}
+    p.add_argument("--tool", **tools, help="load generator (auto: wrk if installed)")
+    return p
+
 # %% ../../nbs/36_service_bench.ipynb #d504acbf
 def bench_parser() -> argparse.ArgumentParser:
     "Arguments of `reco-lab bench serve`."
-    p = argparse.ArgumentParser(
-        prog="reco-lab bench serve",
-        description="Benchmark /health and every model's /reco on a live uvicorn worker, "
-        "with Sentry on and off and both HTTP stacks side by side.",
+    what = (
+        "Benchmark /health and every model's /reco on live uvicorn workers, Sentry and both HTTP stacks side by side."
     )
-    p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
-    p.add_argument("--seconds", type=float, default=3.0, help="load per target and round (default 3)")
-    p.add_argument("--connections", type=int, default=16)
+    p = add_load_options(argparse.ArgumentParser(prog="reco-lab bench serve", description=what), 3.0, "per target")
     p.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported (default 5)")
-    tools = {"choices": ["auto", "wrk", "asyncio"], "default": "auto"}
-    p.add_argument("--tool", **tools, help="load generator (auto: wrk if installed)")
     only_served = "only the served configuration, no side-by-side comparisons"
     p.add_argument("--no-compare", dest="compare", action="store_false", help=only_served)
     report = str(project_root() / "reports" / "service_bench.md")
     p.add_argument("--output", default=report, help="markdown report ('-' for stdout only)")
     return p
 
-# %% ../../nbs/36_service_bench.ipynb #034817ee
+# %% ../../nbs/36_service_bench.ipynb #4e7ef299
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab bench serve`: benchmark the live service and write the markdown report; 1 if a target is missed."
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = bench_parser().parse_args(argv[1:] if argv[:1] == ["serve"] else argv)
-    bench = bench_service(
-        args.models_dir,
-        seconds=args.seconds,
-        connections=args.connections,
-        repeats=args.repeats,
-        tool=args.tool,
-        compare=args.compare,
-    )
+    options = vars(bench_parser().parse_args(argv[1:] if argv[:1] == ["serve"] else argv))
+    output = options.pop("output")
+    bench = bench_service(options.pop("models_dir"), **options)
     text = bench_report(bench)
     print(text)
-    if args.output != "-":
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
-        print(f"written to {args.output}")
+    if output != "-":
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+        print(f"written to {output}")
     return 0 if bench.meets_goals() else 1

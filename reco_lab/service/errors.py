@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['ERRORS_LOGGER', 'REQUEST_INFO', 'HTTP_ERROR_KEYS', 'ERROR_RESPONSES', 'ErrorItem', 'ErrorBody', 'error_response',
            'ServiceError', 'UserNotFound', 'ModelNotFound', 'NotAuthorized', 'EmulatedFailure', 'StartupFailed',
-           'request_info', 'Throttle', 'SentryReporter', 'validation_error_handler', 'http_error_handler',
-           'server_error_response', 'server_error_handler', 'ServerErrors', 'add_error_handlers']
+           'request_info', 'recording_status', 'Throttle', 'SentryReporter', 'validation_error_handler',
+           'http_error_handler', 'server_error_response', 'server_error_handler', 'ServerErrors', 'add_error_handlers']
 
 # %% ../../nbs/31_service_errors.ipynb #98e90640
 import reco_lab.core  # noqa: F401
@@ -95,6 +95,18 @@ REQUEST_INFO = "reco_lab"  # ASGI scope key of what the service learnt about the
 def request_info(scope: dict) -> dict:
     "The request's `trace_id` and validated `user_id` (filled by the access log and the route), created on first use."
     return scope.setdefault(REQUEST_INFO, {})
+
+# %% ../../nbs/31_service_errors.ipynb #1ad4b2b6
+def recording_status(scope: dict, send: Callable) -> Callable:
+    "`send`, noting the response's status in the request's `request_info` (key `status`) once the response starts."
+    info = request_info(scope)
+
+    async def send_recording(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            info["status"] = message["status"]
+        await send(message)
+
+    return send_recording
 
 # %% ../../nbs/31_service_errors.ipynb #7a1a1f88
 class Throttle:
@@ -203,17 +215,10 @@ class ServerErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def send_started(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_started)
+            await self.app(scope, receive, recording_status(scope, send))
         except Exception as exc:
-            if started:
+            if "status" in request_info(scope):  # part of the response is out: only closing the connection is left
                 raise
             trace = scope.get(REQUEST_INFO, {}).get("trace_id")
             self.logger.error(

@@ -22,7 +22,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.modules import ModulesIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
 
-from .errors import ERRORS_LOGGER, request_info
+from .errors import ERRORS_LOGGER, recording_status, request_info
 
 # %% ../../nbs/32_service_logging.ipynb #3630ae9e
 ACCESS_LOGGER = "reco_lab.service.access"
@@ -182,17 +182,10 @@ class AccessLog:
         start = time.perf_counter_ns()
         info = request_info(scope)
         info["trace_id"] = new_trace_id()
-        status = 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, recording_status(scope, send))
         finally:
             if self.logger.isEnabledFor(logging.INFO):
+                status = info.get("status", 500)  # nothing sent: the server answers 500
                 fields = access_fields(scope, info, status, time.perf_counter_ns() - start)
                 self.logger.info("%s %s %s", scope["method"], scope["path"], status, extra=fields)
