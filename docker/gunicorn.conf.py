@@ -25,7 +25,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 class ServiceWorker(UvicornWorker):
-    "uvicorn worker with the service's server options (`reco_lab.service.server.uvicorn_options`) and gunicorn's limits."
+    "uvicorn worker with the service's server options (`reco_lab.service.server.uvicorn_options`), gunicorn's limits."
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,10 +1,13 @@
 """Helpers the tests share; conftest.py keeps the fixtures. Import with `from support import ...` (pytest puts
 tests/ on sys.path, as it does for conftest.py)."""
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from reco_lab.core import console_script
@@ -24,6 +27,16 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
 def reco_lab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     "`reco-lab ARGS` of this environment, run from the repository."
     return run([console_script("reco-lab"), *args], cwd=ROOT, timeout=timeout)
+
+
+def get(url: str, token: str | None = None, method: str = "GET", timeout: float = 10) -> tuple[int, dict, object]:
+    "Status, headers and JSON body (None if empty) of a request, with a bearer `token` if given."
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, dict(reply.headers), json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read() or b"null")
 
 
 def demo_export(folder: Path) -> Path:

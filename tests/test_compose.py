@@ -291,12 +291,14 @@ def test_builds_install_from_the_downloaded_wheels_with_the_index_off(path, whee
     assert "/docker/wheels/*" in (ROOT / ".gitignore").read_text().split()
 
 
+def pinned(requirements: str) -> dict[str, str]:
+    "Distribution -> version of the `==` pins in docker/`requirements`."
+    lines = (ROOT / "docker" / requirements).read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith("#"))
+
+
 def test_mlflow_image_runs_the_tested_mlflow_with_postgres_and_s3_drivers():
-    pins = dict(
-        line.split("==")
-        for line in (ROOT / "docker" / "mlflow-requirements.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    pins = pinned("mlflow-requirements.txt")
     assert pins == {d: importlib.metadata.version(d) for d in ("mlflow", "psycopg2-binary", "boto3")}
     text = dockerfile("docker/mlflow.Dockerfile")
     assert re.search(r"^USER 10002:10002$", text, re.M) and "HEALTHCHECK" in text
@@ -348,15 +350,11 @@ print("ok")
 
 
 def test_the_app_imports_with_only_what_the_image_installs():
-    pinned = dict(
-        line.split("==")
-        for line in (ROOT / "docker" / "service-requirements.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
-    assert {norm(k): v for k, v in pinned.items()} == {norm(k): importlib.metadata.version(k) for k in pinned}, (
+    pins = pinned("service-requirements.txt")
+    assert {norm(k): v for k, v in pins.items()} == {norm(k): importlib.metadata.version(k) for k in pins}, (
         "docker/service-requirements.txt pins other versions than the tests run"
     )
-    allowed = sorted(with_dependencies(set(pinned)) | {"reco-lab"})
+    allowed = sorted(with_dependencies(set(pins)) | {"reco-lab"})
     done = run([sys.executable, "-c", IMAGE_PROBE, json.dumps(allowed)], cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

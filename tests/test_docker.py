@@ -13,28 +13,18 @@ import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from support import ROOT, demo_export, make_images, run
+from support import ROOT, demo_export, get, make_images, run
 
 from reco_lab.core import free_port
+from reco_lab.service.app import MAX_USER_ID
 
 SERVICE_IMAGE = "reco-lab-service"  # the Makefile's default name, which docker-compose.yml runs
 BUILDKIT_IMAGE = "reco-lab-service:buildkit"
-
-
-def get(url: str, timeout: float = 10) -> tuple[int, dict]:
-    "Status and JSON body of a GET."
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
-            return reply.status, json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
 
 
 def wait_healthy(engine, container: str, timeout: float = 120) -> float:
@@ -113,13 +103,13 @@ def test_both_builders_make_the_same_runtime_image_without_the_build_s_wheels(do
 def test_the_image_serves_the_export_with_the_api_contract(service):
     _, url = service
     assert get(f"{url}/health")[0] == 200
-    status, body = get(f"{url}/reco/popular/3")
+    status, _, body = get(f"{url}/reco/popular/3")
     assert status == 200 and body["user_id"] == 3 and len(body["items"]) == 10
-    status, body = get(f"{url}/reco/als/3")
+    status, _, body = get(f"{url}/reco/als/3")
     assert status == 200 and len(set(body["items"])) == 10
-    assert get(f"{url}/reco/lightgbm/3")[1]["errors"][0]["error_key"] == "model_not_found"
-    assert get(f"{url}/reco/popular/{10**9 + 1}")[1]["errors"][0]["error_key"] == "user_not_found"
-    status, body = get(f"{url}/reco/popular/abc")
+    assert get(f"{url}/reco/lightgbm/3")[2]["errors"][0]["error_key"] == "model_not_found"
+    assert get(f"{url}/reco/popular/{MAX_USER_ID + 1}")[2]["errors"][0]["error_key"] == "user_not_found"
+    status, _, body = get(f"{url}/reco/popular/abc")
     assert status == 422 and body["errors"][0]["error_loc"]
 
 
@@ -180,7 +170,7 @@ def test_the_compose_service_profile_comes_up_healthy_serves_and_goes(docker_eng
             f"(healthcheck {healthy_s:.1f} s)"
         )
         assert get(f"http://127.0.0.1:{port}/health")[0] == 200
-        status, body = get(f"http://127.0.0.1:{port}/reco/knn/7")
+        status, _, body = get(f"http://127.0.0.1:{port}/reco/knn/7")
         assert status == 200 and body["user_id"] == 7 and len(body["items"]) == 10
         labels = json.loads(docker_engine("inspect", container).stdout)[0]["Config"]["Labels"]
         assert labels["com.docker.compose.service"] == "service"  # what Filebeat's autodiscover matches

@@ -8,6 +8,7 @@ import json
 import socket
 import time
 import urllib.parse
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from support import demo_export, warm_user
 
-from reco_lab.service.bench import SentrySink, live_service
+from reco_lab.service.bench import SentrySink, live_service, wait_until_up
 from reco_lab.service.logging import INT64
 from reco_lab.service.server import server_stack
 from reco_lab.service.settings import FAILING_MULTIPLE
@@ -329,6 +330,13 @@ def limited(request, export_dir, tmp_path_factory):
         yield service
 
 
+def health_status(url: str) -> int:
+    "The status of /health on a new connection, a moment after other connections closed (the worker recovers)."
+    time.sleep(0.2)
+    with Connection(url) as conn:
+        return conn.send(request("/health")).response().status
+
+
 def test_a_client_that_never_finishes_its_request_head_is_disconnected(limited):
     with Connection(limited.url) as silent, Connection(limited.url) as partial, Connection(limited.url) as idle_after:
         partial.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
@@ -341,24 +349,16 @@ def test_a_client_that_never_finishes_its_request_head_is_disconnected(limited):
 def test_beyond_the_concurrency_limit_the_answer_is_a_json_503_and_the_worker_recovers(limited):
     log = Log(limited)
     log.skip()
-    holders = [Connection(limited.url) for _ in range(8)]
-    try:
+    with ExitStack() as holders:
+        for _ in range(8):
+            holders.enter_context(Connection(limited.url))
         time.sleep(0.2)
         with Connection(limited.url) as extra:
             answer = extra.send(request("/health")).response()
-            assert (
-                answer.status == 503
-                and answer.headers["retry-after"] == "1"
-                and answer.headers["connection"] == "close"
-            )
+            assert (answer.status, answer.headers["retry-after"], answer.headers["connection"]) == (503, "1", "close")
             assert answer.json()["errors"][0]["error_key"] == "service_unavailable"
             assert extra.closed_by_server()
-    finally:
-        for conn in holders:
-            conn.close()
-    time.sleep(0.2)
-    with Connection(limited.url) as conn:
-        assert conn.send(request("/health")).response().status == 200
+    assert health_status(limited.url) == 200
     lines = log.new(access=1)
     assert sum("concurrency limit reached" in line["message"] for line in lines) == 1
 
@@ -375,17 +375,12 @@ def closed_now(conn: Connection) -> bool:
 
 
 def test_connections_beyond_the_cap_are_closed_at_once(limited):
-    conns = [Connection(limited.url) for _ in range(40)]  # the cap is twice the concurrency limit: 16
-    try:
+    with ExitStack() as stack:
+        conns = [stack.enter_context(Connection(limited.url)) for _ in range(40)]  # the cap: twice the limit, 16
         time.sleep(0.3)  # well within the 2 s head timeout, which would close them all
         closed = [closed_now(conn) for conn in conns]
         assert sum(closed) >= 20 and not any(closed[:10]), closed
-    finally:
-        for conn in conns:
-            conn.close()
-    time.sleep(0.2)
-    with Connection(limited.url) as conn:
-        assert conn.send(request("/health")).response().status == 200
+    assert health_status(limited.url) == 200
 
 
 @pytest.mark.parametrize(
@@ -422,15 +417,7 @@ def test_running_out_of_file_descriptors_logs_little_and_the_worker_recovers(exp
             time.sleep(2.0)
             for sock in flood:
                 sock.close()
-            deadline = time.monotonic() + 20
-            while True:  # answered again once the flood is gone: no restart
-                try:
-                    with Connection(service.url, timeout=2) as conn:
-                        if conn.send(request("/health")).response().status == 200:
-                            break
-                except OSError:
-                    assert time.monotonic() < deadline, log.read_text()[-2000:]
-                    time.sleep(0.2)
+            wait_until_up(service.url, service.process, log, timeout=20)  # answered again, and no restart
         text = log.read_text()
         assert text.count("out of system resource") <= 2 and len(text) < 50_000, (stack, len(text))
         assert text.count("connection limit reached") <= 2

@@ -3,11 +3,9 @@ logs, start-up checks, fuzzing."""
 
 import json
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from support import demo_export, warm_user
+from support import demo_export, get, warm_user  # test_registry imports get from here
 
 from reco_lab.core import free_port
 from reco_lab.export import load_export
@@ -22,15 +20,6 @@ FAILING = 2 * FAILING_MULTIPLE  # a user id that fails on purpose when error emu
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     return demo_export(tmp_path_factory.mktemp("export"))
-
-
-def get(url: str, token: str | None = None, method: str = "GET") -> tuple[int, dict, object]:
-    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, dict(reply.headers), json.load(reply)
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.load(e)
 
 
 @pytest.fixture(scope="module")
