@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -20,11 +19,14 @@ from collections.abc import Iterator
 import platformdirs
 import psutil
 import pytest
+from support import BIN, ROOT, make_images, run
 
 from reco_lab.core import console_script
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# Helpers live in tests/support.py; these names stay importable from here for the tests that still do:
+# test_data, test_readme, test_stack, test_study, test_sync (`tool` is reco_lab.core.console_script).
+tool = console_script
+__all__ = ["BIN", "ROOT", "run", "tool"]
 
 
 @pytest.fixture
@@ -33,19 +35,6 @@ def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
-
-
-def tool(name: str) -> str:
-    "A console script of the test environment (the .venv beside the interpreter)."
-    path = BIN / name
-    return str(path) if path.exists() else shutil.which(name) or name
-
-
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("capture_output", True)
-    kw.setdefault("text", True)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **kw.pop("env", {})}
-    return subprocess.run(cmd, env=env, **kw)
 
 
 def query(stack, sql: str, *args) -> list[tuple]:
@@ -250,19 +239,6 @@ def docker_engine(docker_session) -> Engine:
     if docker_session.engine is None:
         pytest.skip(f"no Docker engine: {docker_session.reason}")
     return docker_session.engine
-
-
-def make_images(target: str, engine: Engine, *, buildkit: bool, **variables: str) -> float:
-    "`make <target>` against `engine`, with BuildKit or the classic builder; the seconds it took."
-    started = time.monotonic()
-    done = run(
-        ["make", "--no-print-directory", target, f"DOCKER={engine.cli}", *(f"{k}={v}" for k, v in variables.items())],
-        cwd=ROOT,
-        env={**engine.env, "DOCKER_BUILDKIT": "1" if buildkit else "0"},
-        timeout=1800,
-    )
-    assert done.returncode == 0, f"make {target} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="session")
