@@ -445,8 +445,8 @@ def fits(value, es_type: str) -> bool:
 @pytest.fixture(scope="module")
 def image_like_service(tmp_path_factory):
     "The service as the image runs it: gunicorn, docker/gunicorn.conf.py, the environment compose passes."
-    folder = tmp_path_factory.mktemp("image")
-    port, log = free_port(), folder / "stdout.log"
+    port, folder = free_port(), tmp_path_factory.mktemp("image")
+    log = folder / "stdout.log"
     with SentrySink(keep=False) as sink:
         env = {
             **os.environ,

@@ -355,7 +355,7 @@ class Variant:
 
 
 def served_stack() -> str:
-    "The parser `reco-lab serve` runs on here: `httptools` or `h11` (RECO_LAB_HTTP, and what is installed)."
+    "The parser `reco-lab serve` runs on in this environment: `httptools` or `h11` (RECO_LAB_HTTP, what is installed)."
     return server_stack(Settings().http)[0]
 
 
