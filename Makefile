@@ -13,7 +13,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 RUN_ARGS ?=
 
-.PHONY: run test lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
+.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ run: $(RUN_STAMP)
 	$(BIN)/reco-lab run $(RUN_ARGS)
 
 test: $(DEV_STAMP) system-parts
-	$(MAKE) --no-print-directory sync-check nbdev-test pytest
+	$(MAKE) --no-print-directory sync-check lint nbdev-test pytest
 
 # PostgreSQL's server, the Docker engine, docker-compose, debootstrap and wrk: installed with apt when run as root,
 # else listed as missing (the tests that need them skip and say why)
@@ -56,6 +56,12 @@ system-parts:
 # the library must be exactly what the notebooks export
 sync-check: $(DEV_STAMP)
 	PATH=$(abspath $(BIN)):$$PATH scripts/check-sync .
+
+# ruff (pyproject.toml): lint the notebooks, the library they export, the tests and scripts; the notebooks and tests
+# are formatted with it (reco_lab/ is nbdev's output, so it is checked, never formatted)
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check reco_lab nbs tests scripts docker
+	$(BIN)/ruff format --check nbs tests scripts docker
 
 # the notebooks' own tests; their MLflow runs go to a throw-away store
 nbdev-test: $(DEV_STAMP)

@@ -104,14 +104,15 @@ def format_als_logging(r: dict) -> str:
         "| --- | ---: | ---: | --- |",
     ]
     for name, values in r["times"].items():
-        lines.append(
-            f"| {name} | {r['median'][name]:.3f} | {r['median'][name] / r['epochs']:.3f} | {', '.join(f'{v:.2f}' for v in values)} |"
-        )
+        runs = ", ".join(f"{v:.2f}" for v in values)
+        lines.append(f"| {name} | {r['median'][name]:.3f} | {r['median'][name] / r['epochs']:.3f} | {runs} |")
     lines += [
         "",
-        f"- reco_lab tracked / bare implicit: **{r['ratio']:.3f}** (overhead {100 * (r['ratio'] - 1):+.1f}%; target at most +5%)",
-        f"- time spent in the tracking itself (the {r['epochs']} per-epoch callbacks and the one `log_batch`, timed inside the run): "
-        f"**{1000 * r['logging_s']:.1f} ms = {100 * r['logging_share']:.2f}%** of the bare fit; the rest of any difference is "
+        f"- reco_lab tracked / bare implicit: **{r['ratio']:.3f}** "
+        f"(overhead {100 * (r['ratio'] - 1):+.1f}%; target at most +5%)",
+        f"- time spent in the tracking itself (the {r['epochs']} per-epoch callbacks and the one `log_batch`, "
+        f"timed inside the run): **{1000 * r['logging_s']:.1f} ms = {100 * r['logging_share']:.2f}%** of the bare fit; "
+        "the rest of any difference is "
         "rectools' wrapper (building the CSR matrix, copying factors) and the noise of a shared machine",
         f"- implicit's own loss computation: bare with loss / bare without = {r['loss_ratio']:.3f}",
     ]
@@ -325,33 +326,40 @@ def format_scale(r: dict) -> str:
     lines = [
         "# Benchmarks at Kion scale",
         "",
-        f"Synthetic Kion-shaped data: {r['n_users']:,} users, {r['n_items']:,} items, {r['n_interactions']:,} interactions "
+        f"Synthetic Kion-shaped data: {r['n_users']:,} users, {r['n_items']:,} items, "
+        f"{r['n_interactions']:,} interactions "
         "(`make_synthetic`), one 7-day test window, default epochs. Produced by `reco-lab bench scale`.",
         "",
-        f"Machine: {os.cpu_count()} cores, {mem:.0f} GB RAM, {platform.platform()}; Python {platform.python_version()}, "
+        f"Machine: {os.cpu_count()} cores, {mem:.0f} GB RAM, {platform.platform()}; "
+        f"Python {platform.python_version()}, "
         f"rectools {rectools.__version__}, implicit {implicit.__version__}, catboost {catboost.__version__}. "
-        "Shared machine: other jobs ran at the same time, so absolute times are noisy; ratios compare runs in the same process minutes apart.",
+        "Shared machine: other jobs ran at the same time, so absolute times are noisy; "
+        "ratios compare runs in the same process minutes apart.",
         "",
         "| stage | seconds | peak RSS (GB) | notes |",
         "| --- | ---: | ---: | --- |",
     ]
     for s in r["stages"]:
-        lines.append(
-            f"| {s.name} | {s.seconds:.1f} | {s.peak_rss_gb:.2f} | {json.dumps(s.notes, ensure_ascii=False, default=str) if s.notes else ''} |"
-        )
+        notes = json.dumps(s.notes, ensure_ascii=False, default=str) if s.notes else ""
+        lines.append(f"| {s.name} | {s.seconds:.1f} | {s.peak_rss_gb:.2f} | {notes} |")
     per_epoch = lambda s, e: s.seconds / e  # noqa: E731
     epochs = int(als.name.split(",")[1].split()[0])
+    n_cand_users = int(cand.name.split("all ")[1].split()[0].replace(",", ""))
     lines += [
         "",
         "## Against the references",
         "",
         f"- ALS epoch logging: {per_epoch(als, epochs):.2f} s per epoch with reco_lab's per-epoch MLflow logging vs "
-        f"{per_epoch(als_ref, epochs):.2f} s for bare implicit: ratio **{als.seconds / als_ref.seconds:.3f}** (target at most 1.05).",
-        f"- Candidate generation for all users: {cand.seconds:.1f} s with `topk_items` vs {cand_ref.seconds:.1f} s for implicit's batched "
-        f"recommend (ratio **{cand.seconds / cand_ref.seconds:.2f}**; {int(cand.name.split('all ')[1].split()[0].replace(',', '')) / cand.seconds:,.0f} users/s); "
+        f"{per_epoch(als_ref, epochs):.2f} s for bare implicit: "
+        f"ratio **{als.seconds / als_ref.seconds:.3f}** (target at most 1.05).",
+        f"- Candidate generation for all users: {cand.seconds:.1f} s with `topk_items` vs {cand_ref.seconds:.1f} s "
+        f"for implicit's batched recommend (ratio **{cand.seconds / cand_ref.seconds:.2f}**; "
+        f"{n_cand_users / cand.seconds:,.0f} users/s); "
         f"rectools' own `recommend` took {cand_rt.seconds:.1f} s (ratio {cand_rt.seconds / cand_ref.seconds:.2f}).",
-        f"- Whole pipeline: **{r['pipeline_s'] / 60:.1f} min** (target 30), peak RSS **{r['pipeline_peak_rss_gb']:.2f} GB** (target 8).",
-        f"- Service: start-up {r['service']['startup_s']:.1f} s, worker RSS {r['service']['rss_gb_after_start']:.2f} GB after start-up (target at most 2 GB).",
+        f"- Whole pipeline: **{r['pipeline_s'] / 60:.1f} min** (target 30), "
+        f"peak RSS **{r['pipeline_peak_rss_gb']:.2f} GB** (target 8).",
+        f"- Service: start-up {r['service']['startup_s']:.1f} s, "
+        f"worker RSS {r['service']['rss_gb_after_start']:.2f} GB after start-up (target at most 2 GB).",
         "",
         "## Service under load on this export",
         "",

@@ -192,22 +192,16 @@ def fetch_champion_export(
 
 # %% ../nbs/23_select_champion.ipynb #63308208
 def publish_models(
-    runs: dict[str, pd.Series],
-    champion: pd.Series,
-    folder: str | Path,
-    *,
-    k: int = 10,
-    uri: str | None = None,
-    log=print,
+    runs: dict[str, pd.Series], champion: pd.Series, folder: str | Path, *, uri: str | None = None, log=print
 ) -> None:
     "Log each served run's MLflow model at `model/`: the champion's over the whole export, others' over theirs."
     client = check_tracking(uri)
     for name, run in runs.items():
         has_model = "model/MLmodel" in {a.path for a in client.list_artifacts(run["run_id"], "model")}
         if run["run_id"] == champion["run_id"]:
-            log_export_model(client, run["run_id"], folder, name, k=k)
+            log_export_model(client, run["run_id"], folder, name)
             log(f"{name}: MLflow model over the whole export logged to run {run['tags.mlflow.runName']}")
         elif not has_model:
             with tempfile.TemporaryDirectory() as tmp:
-                log_export_model(client, run["run_id"], subset_export(folder, [name], Path(tmp) / "export"), name, k=k)
+                log_export_model(client, run["run_id"], subset_export(folder, [name], Path(tmp) / "export"), name)
             log(f"{name}: MLflow model over its own lists logged to run {run['tags.mlflow.runName']}")

@@ -90,9 +90,7 @@ def delegate(command: str, argv: list[str]) -> int:
 # %% ../nbs/53_cli.ipynb #f369c15a
 def build_parser() -> argparse.ArgumentParser:
     "The `reco-lab` argument parser."
-    parser = argparse.ArgumentParser(
-        prog="reco-lab", description="reco_lab: recommender-systems study, service and tools"
-    )
+    parser = argparse.ArgumentParser(prog="reco-lab", description="recommender-systems study, service and tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("summary", help="load a dataset and print its summary")
     p.add_argument("--dataset", default="ml-100k", help="ml-100k, kion:<dir> or synthetic:<n_users>")

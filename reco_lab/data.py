@@ -88,17 +88,18 @@ def features_long(frame: pd.DataFrame, id_col: str, columns: list[str], multi_va
 def build_dataset(data: RecoData) -> Dataset:
     "The rectools Dataset of `data`'s interactions with its categorical user and item features."
     inter = data.interactions
-    users = data.users[data.users[Columns.User].isin(inter[Columns.User].unique())]
-    items = data.items[data.items[Columns.Item].isin(inter[Columns.Item].unique())]
+
+    def features(frame: pd.DataFrame, id_col: str, columns: list[str]) -> pd.DataFrame | None:
+        "Long features of the ids that have interactions; None without feature columns."
+        if not columns:
+            return None
+        return features_long(frame[frame[id_col].isin(inter[id_col].unique())], id_col, columns, data.multi_valued)
+
     return Dataset.construct(
         inter[Columns.Interactions],
-        user_features_df=features_long(users, Columns.User, data.user_features, data.multi_valued)
-        if data.user_features
-        else None,
+        user_features_df=features(data.users, Columns.User, data.user_features),
         cat_user_features=data.user_features,
-        item_features_df=features_long(items, Columns.Item, data.item_features, data.multi_valued)
-        if data.item_features
-        else None,
+        item_features_df=features(data.items, Columns.Item, data.item_features),
         cat_item_features=data.item_features,
     )
 
@@ -303,6 +304,62 @@ def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
         raise DataError(f"{path} has a header but no rows")
     return frame
 
+# %% ../nbs/01_data.ipynb #3cf5810a
+def _ints(file: Path, frame: pd.DataFrame, column: str) -> pd.Series:
+    "Required column `column` of `file`: non-negative whole numbers, as int64."
+    return _parse_numbers(file, frame, column, required=True, non_negative=True, integer=True).astype(np.int64)
+
+
+def _as_category(values: pd.Series) -> pd.Series:
+    "Whole numbers as categorical feature values: their text, None where missing."
+    return values.astype("Int64").astype(str).replace("<NA>", None)
+
+
+def _category(file: Path, frame: pd.DataFrame, column: str) -> pd.Series:
+    "Optional whole-number column `column` of `file` as a categorical feature."
+    return _as_category(_parse_numbers(file, frame, column, required=False, integer=True))
+
+
+def _dates(file: Path, frame: pd.DataFrame, column: str) -> pd.Series:
+    "Required `YYYY-MM-DD` column `column` of `file` as datetimes."
+    dates = pd.to_datetime(frame[column], format="%Y-%m-%d", errors="coerce")
+    if (bad := dates.isna()).any():
+        raise _bad_row(file, column, frame[column], bad, "is not a date (YYYY-MM-DD)")
+    return dates
+
+# %% ../nbs/01_data.ipynb #a71d1c54
+def _kion_interactions(file: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    "interactions.csv as rectools interactions (weight 1), with Kion's watch duration and share."
+    return pd.DataFrame(
+        {
+            Columns.User: _ints(file, frame, "user_id"),
+            Columns.Item: _ints(file, frame, "item_id"),
+            Columns.Weight: 1.0,
+            Columns.Datetime: _dates(file, frame, "last_watch_dt"),
+            "total_dur": _ints(file, frame, "total_dur"),
+            "watched_pct": _parse_numbers(file, frame, "watched_pct", required=False, non_negative=True)
+            .fillna(0)
+            .astype(float),
+        }
+    )
+
+
+def _kion_users(file: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    "users.csv with int64 ids and the kids flag as a category."
+    return frame.assign(**{Columns.User: _ints(file, frame, "user_id"), "kids_flg": _category(file, frame, "kids_flg")})
+
+
+def _kion_items(file: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    "items.csv with int64 ids, the release year and decade, and the integer features as categories."
+    year = _parse_numbers(file, frame, "release_year", required=False, integer=True)
+    return frame.assign(
+        **{Columns.Item: _ints(file, frame, "item_id")},
+        release_year=year.astype("Int64"),
+        release_decade=_as_category(year // 10 * 10),
+        for_kids=_category(file, frame, "for_kids"),
+        age_rating=_category(file, frame, "age_rating"),
+    )
+
 # %% ../nbs/01_data.ipynb #fca78c7b
 def load_kion(path: str | Path) -> RecoData:
     "The MTS Kion dataset from its three CSV files, validated before anything is built."
@@ -312,59 +369,11 @@ def load_kion(path: str | Path) -> RecoData:
     if missing := [name for name in KION_COLUMNS if not (folder / name).is_file()]:
         raise DataError(f"Kion file(s) {', '.join(missing)} not found in {folder}: expected {', '.join(KION_COLUMNS)}")
     raw = {name: _read_kion_file(folder, name) for name in KION_COLUMNS}
-    f_inter, f_users, f_items = (folder / n for n in KION_COLUMNS)
-    inter = raw["interactions.csv"]
-    user_ids = _parse_numbers(f_inter, inter, "user_id", required=True, non_negative=True, integer=True)
-    item_ids = _parse_numbers(f_inter, inter, "item_id", required=True, non_negative=True, integer=True)
-    dates = pd.to_datetime(inter["last_watch_dt"], format="%Y-%m-%d", errors="coerce")
-    if (bad := dates.isna()).any():
-        raise _bad_row(f_inter, "last_watch_dt", inter["last_watch_dt"], bad, "is not a date (YYYY-MM-DD)")
-    total_dur = _parse_numbers(f_inter, inter, "total_dur", required=True, non_negative=True, integer=True)
-    watched = _parse_numbers(f_inter, inter, "watched_pct", required=False, non_negative=True)
-    interactions = pd.DataFrame(
-        {
-            Columns.User: user_ids.astype(np.int64),
-            Columns.Item: item_ids.astype(np.int64),
-            Columns.Weight: 1.0,
-            Columns.Datetime: dates,
-            "total_dur": total_dur.astype(np.int64),
-            "watched_pct": watched.fillna(0).astype(float),
-        }
-    )
-    users = raw["users.csv"]
-    users[Columns.User] = _parse_numbers(
-        f_users, users, "user_id", required=True, non_negative=True, integer=True
-    ).astype(np.int64)
-    users["kids_flg"] = (
-        _parse_numbers(f_users, users, "kids_flg", required=False, integer=True)
-        .astype("Int64")
-        .astype(str)
-        .replace("<NA>", None)
-    )
-    items = raw["items.csv"]
-    items[Columns.Item] = _parse_numbers(
-        f_items, items, "item_id", required=True, non_negative=True, integer=True
-    ).astype(np.int64)
-    year = _parse_numbers(f_items, items, "release_year", required=False, integer=True)
-    items["release_year"] = year.astype("Int64")
-    items["release_decade"] = (year // 10 * 10).astype("Int64").astype(str).replace("<NA>", None)
-    items["for_kids"] = (
-        _parse_numbers(f_items, items, "for_kids", required=False, integer=True)
-        .astype("Int64")
-        .astype(str)
-        .replace("<NA>", None)
-    )
-    items["age_rating"] = (
-        _parse_numbers(f_items, items, "age_rating", required=False, integer=True)
-        .astype("Int64")
-        .astype(str)
-        .replace("<NA>", None)
-    )
     return RecoData(
         f"kion:{folder}",
-        interactions,
-        users,
-        items,
+        _kion_interactions(folder / "interactions.csv", raw["interactions.csv"]),
+        _kion_users(folder / "users.csv", raw["users.csv"]),
+        _kion_items(folder / "items.csv", raw["items.csv"]),
         KION_USER_FEATURES,
         KION_ITEM_FEATURES,
         {"genres": ",", "countries": ","},

@@ -24,6 +24,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema
 
+from .core import K
 from .export import ExportError, load_export
 
 # %% ../nbs/22_registry.ipynb #5470d5d1
@@ -38,7 +39,7 @@ class ExportModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.export = load_export(context.artifacts["export"])
-        self.model, self.k = context.model_config["model"], int(context.model_config.get("k", 10))
+        self.model, self.k = context.model_config["model"], int(context.model_config.get("k", K))
         if self.model not in self.export.topk:
             raise ExportError(f"{context.artifacts['export']} has no lists for model {self.model!r}")
 
@@ -68,7 +69,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 # %% ../nbs/22_registry.ipynb #965d3c2f
-def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: int = 10) -> Path:
+def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: int = K) -> Path:
     "Write an MLflow pyfunc model serving `model` from the export in `export_dir` into the new folder `path`."
     export = load_export(export_dir)
     if model not in export.topk:
@@ -93,7 +94,7 @@ def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: i
 
 # %% ../nbs/22_registry.ipynb #1c7295b7
 def log_export_model(
-    client, run_id: str, export_dir: str | Path, model: str, artifact_path: str = "model", k: int = 10
+    client, run_id: str, export_dir: str | Path, model: str, artifact_path: str = "model", k: int = K
 ) -> str:
     "Log the pyfunc model of `model` over `export_dir` as the run's `artifact_path`; its artifact URI."
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,15 +33,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from .evaluation import MAIN_METRIC, METRICS, K
-from reco_lab.tracking import (
-    REGISTERED_MODEL,
-    SELECTION_METRIC,
-    champion_alias,
-    check_tracking,
-    rank_runs,
-    search_runs,
-    tracking_uri,
-)
+from .tracking import REGISTERED_MODEL, SELECTION_METRIC, champion_alias, check_tracking, rank_runs
+from .tracking import search_runs, tracking_uri
 
 # %% ../nbs/51_runner.ipynb #cc224218
 @dataclass

@@ -25,16 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Iterable, Iterator
 
 import psutil
 
-from .core import console_script, project_root
+from .core import answers_ok, console_script, project_root
 
 from .core import free_port  # noqa: F401  (also used by the tests through this module)
 
@@ -153,18 +151,11 @@ def kill_tree(proc: psutil.Process, timeout: float = 10.0) -> None:
                 family.append(p)
         except (psutil.Error, ProcessLookupError):
             pass
-    for p in family:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    for action, wait in (("terminate", timeout), ("kill", 5)):
+        for p in family:
+            with suppress(psutil.Error):
+                getattr(p, action)()
+        _, family = psutil.wait_procs(family, timeout=wait)
     try:  # reap it if it is our child
         os.waitpid(proc.pid, os.WNOHANG)
     except ChildProcessError:
@@ -335,13 +326,7 @@ def wait_http(
 ) -> None:
     "Wait until `url` answers HTTP 200; StackError with the log's tail if `proc` exits or time runs out."
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+    while not answers_ok(url):
         exited = _exited(proc)
         if exited or time.monotonic() > deadline:
             why = "exited" if exited else f"did not answer {url} within {timeout:.0f} s"
@@ -578,8 +563,7 @@ def healthy(stack: Stack, name: str) -> bool:
         elif name == "postgres":
             connect(stack, timeout=3).close()
         else:
-            url = f"{stack.s3_endpoint}/healthz" if name == "s3" else f"{stack.tracking_uri}/health"
-            urllib.request.urlopen(url, timeout=3).close()
+            return answers_ok(f"{stack.s3_endpoint}/healthz" if name == "s3" else f"{stack.tracking_uri}/health", 3)
         return True
     except Exception:
         return False

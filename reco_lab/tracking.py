@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'BATCH', 'SELECTION_METRIC', 'REGISTERED_MODEL', 'CHAMPION_ALIAS', 'TrackingUnavailable', 'local_store',
            'tracking_uri', 'experiment_name', 'check_tracking', 'get_experiment_id', 'run_name', 'git_state',
-           'source_tags', 'EpochLogger', 'Run', 'tracked_run', 'runs_frame', 'search_runs', 'champion_alias',
-           'comparable_runs', 'rank_runs']
+           'source_tags', 'EpochLogger', 'mean_and_std', 'Run', 'run_tags', 'tracked_run', 'runs_frame', 'search_runs',
+           'champion_alias', 'comparable_runs', 'rank_runs']
 
 # %% ../nbs/03_tracking.ipynb #42711f7e
 import reco_lab.core  # noqa: F401
@@ -28,6 +28,7 @@ from typing import Any
 from collections.abc import Iterator
 
 import pandas as pd
+from fastcore.basics import patch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -160,7 +161,18 @@ class EpochLogger:
             chunk, self.pending = self.pending[: self.batch], self.pending[self.batch :]
             self.client.log_batch(self.run_id, metrics=chunk)
 
-# %% ../nbs/03_tracking.ipynb #fd8f81f7
+# %% ../nbs/03_tracking.ipynb #ad64b8e7
+def mean_and_std(per_fold: list[dict[str, float]]) -> dict[str, float]:
+    "Mean (`<key>`) and sample std (`<key>_std`, 0 for one fold) of each metric over the folds."
+    summary: dict[str, float] = {}
+    for key in per_fold[0] if per_fold else []:
+        values = [m[key] for m in per_fold]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        summary[key], summary[f"{key}_std"] = mean, std
+    return summary
+
+# %% ../nbs/03_tracking.ipynb #40899f07
 @dataclass
 class Run:
     "An MLflow run being recorded: params, per-fold metrics, curves, fit time and the model artifact."
@@ -190,33 +202,55 @@ class Run:
 
     def log_summary(self) -> dict[str, float]:
         "Log the mean and std of every per-fold metric (fit time included); return them."
-        summary: dict[str, float] = {}
-        for key in self.per_fold[0] if self.per_fold else []:
-            values = [m[key] for m in self.per_fold]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            summary[key], summary[f"{key}_std"] = mean, std
-        step = max(len(self.per_fold) - 1, 0)
-        now = int(time.time() * 1000)
+        summary = mean_and_std(self.per_fold)
+        step, now = max(len(self.per_fold) - 1, 0), int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in summary.items()])
         return summary
 
-    def log_model(self, model: Any, name: str = "model.pkl") -> float:
-        "Pickle `model` as the run's artifact `estimator/<name>`, log and return `model_size_mb`."
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            with open(path, "wb") as f:
-                pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
-            size_mb = path.stat().st_size / 2**20
-            self.client.log_artifact(self.run_id, str(path), artifact_path="estimator")
-        self.client.log_metric(self.run_id, "model_size_mb", size_mb)
-        return size_mb
+# %% ../nbs/03_tracking.ipynb #c270da5f
+@patch
+def log_model(self: Run, model: Any, name: str = "model.pkl") -> float:
+    "Pickle `model` as the run's artifact `estimator/<name>`, log and return `model_size_mb`."
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        with open(path, "wb") as f:
+            pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
+        size_mb = path.stat().st_size / 2**20
+        self.client.log_artifact(self.run_id, str(path), artifact_path="estimator")
+    self.client.log_metric(self.run_id, "model_size_mb", size_mb)
+    return size_mb
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        "Attach a file (a plot, a table) to the run."
-        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
-# %% ../nbs/03_tracking.ipynb #45e2b613
+@patch
+def log_artifact(self: Run, path: str | Path, artifact_path: str | None = None) -> None:
+    "Attach a file (a plot, a table) to the run."
+    self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+# %% ../nbs/03_tracking.ipynb #634dcb76
+def run_tags(
+    model: str,
+    dataset: str,
+    protocol: str,
+    *,
+    study_id: str = "",
+    quick: bool = False,
+    notebook: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, str]:
+    "A run's tags: what it may be compared with (dataset, protocol, study, quick), its model, source and parent."
+    all_tags = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "study_id": study_id,
+        "quick": str(bool(quick)).lower(),
+        "model": model,
+        **source_tags(notebook),
+        **(tags or {}),
+    }
+    return all_tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+
+# %% ../nbs/03_tracking.ipynb #99da8b90
 @contextmanager
 def tracked_run(
     model: str,
@@ -237,22 +271,12 @@ def tracked_run(
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}: the param `model` is one of {', '.join(MODELS)}")
     client = check_tracking(uri)
-    experiment_id = get_experiment_id(client, experiment_name(experiment))
     all_params = {"model": model, **params}
     name = run_name(model, all_params, key_params)
-    all_tags = {
-        "dataset": dataset,
-        "protocol": protocol,
-        "study_id": study_id,
-        "quick": str(bool(quick)).lower(),
-        "model": model,
-        **source_tags(notebook),
-        **(tags or {}),
-    }
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
-    run_id = run.info.run_id
+    extra = {"study_id": study_id, "quick": quick, "notebook": notebook, "parent_run_id": parent_run_id, "tags": tags}
+    experiment_id = get_experiment_id(client, experiment_name(experiment))
+    all_tags = run_tags(model, dataset, protocol, **extra)
+    run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in all_params.items()])
     active = Run(client, run_id, name, EpochLogger(client, run_id))
     try:

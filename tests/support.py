@@ -42,7 +42,7 @@ def get(url: str, token: str | None = None, method: str = "GET", timeout: float 
 def demo_export(folder: Path) -> Path:
     "A small real serving export (the demo models on synthetic data) in `folder`/models."
     from reco_lab.data import make_synthetic
-    from reco_lab.service.demo import build_demo_export
+    from reco_lab.precompute import build_demo_export
 
     return build_demo_export(folder / "models", make_synthetic(400, 200, 4_000))
 

@@ -15,7 +15,7 @@ from reco_lab.data import make_synthetic
 from reco_lab.export import load_export
 from reco_lab.registry import log_export_model
 from reco_lab.service.bench import ServiceFailed, live_service
-from reco_lab.service.demo import build_demo_export
+from reco_lab.precompute import build_demo_export
 from reco_lab.tracking import tracked_run
 
 from test_service import get

@@ -17,8 +17,8 @@ from rectools.dataset import Dataset
 from rectools.models import LightFMWrapperModel
 
 from ..evaluation import Fold
-from ..experiment import interactions_only, param, score
-from ..tracking import SELECTION_METRIC, Run
+from ..experiment import eval_curve, interactions_only, param, typed_params
+from ..tracking import Run
 
 # %% ../../nbs/12_lightfm.ipynb #85cbf331
 LOSSES = ("warp", "bpr", "logistic", "warp-kos")
@@ -40,21 +40,12 @@ DEFAULTS = {
 # %% ../../nbs/12_lightfm.ipynb #38d22d76
 def make_model(params: dict[str, Any]) -> LightFMWrapperModel:
     "LightFM in rectools' wrapper; one thread unless `num_threads` says otherwise (repeatable runs)."
-    d = DEFAULTS["lightfm"]
-    loss = param(params, "loss", d["loss"])
-    if loss not in LOSSES:
-        raise ValueError(f"unknown LightFM loss {loss!r}: use one of {', '.join(LOSSES)}")
-    inner = LightFM(
-        no_components=param(params, "no_components", d["no_components"]),
-        loss=loss,
-        learning_rate=param(params, "learning_rate", d["learning_rate"]),
-        item_alpha=param(params, "item_alpha", d["item_alpha"]),
-        user_alpha=param(params, "user_alpha", d["user_alpha"]),
-        random_state=param(params, "seed", d["seed"]),
-    )
-    return LightFMWrapperModel(
-        inner, epochs=param(params, "epochs", d["epochs"]), num_threads=param(params, "num_threads", d["num_threads"])
-    )
+    p = typed_params(params, DEFAULTS["lightfm"])
+    if p["loss"] not in LOSSES:
+        raise ValueError(f"unknown LightFM loss {p['loss']!r}: use one of {', '.join(LOSSES)}")
+    own = ("no_components", "loss", "learning_rate", "item_alpha", "user_alpha")
+    inner = LightFM(**{key: p[key] for key in own}, random_state=p["seed"])
+    return LightFMWrapperModel(inner, epochs=p["epochs"], num_threads=p["num_threads"])
 
 # %% ../../nbs/12_lightfm.ipynb #5b32da12
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
@@ -96,12 +87,5 @@ def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[L
     "Fit on `fold.train` epoch by epoch (timed); on a validation split, log the `val_map_at_10_fold_<k>` curve."
     train, model = prepare(fold.train, params), make_model(params)
     epochs, eval_every = param(params, "epochs", DEFAULTS["lightfm"]["epochs"]), param(params, "eval_every", 0)
-    curve = {}
-    if fold.role == "validation":
-        curve = {
-            "eval_every": eval_every,
-            "on_eval": lambda epoch: run.curves.log(
-                f"{SELECTION_METRIC}_fold_{fold.index}", score(model, train, fold), epoch
-            ),
-        }
+    curve = eval_curve(run, fold, model, train, eval_every)
     return fit_epochs(model, train, epochs, timer=run.timer, **curve), train

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = serve_parser().parse_args(argv)
     if args.write_demo_export:
-        from reco_lab.service.demo import build_demo_export
+        from reco_lab.precompute import build_demo_export
 
         print(build_demo_export(args.write_demo_export, args.dataset))
         return 0

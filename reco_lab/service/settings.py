@@ -6,7 +6,7 @@
 __all__ = ['FAILING_MULTIPLE', 'none_if_blank', 'normalised', 'Settings']
 
 # %% ../../nbs/30_service_settings.ipynb #34e0a780
-import reco_lab.core  # noqa: F401
+from ..core import K
 
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(user_cache_dir("reco_lab")) / "models",
         description="where a model downloaded from MLflow is kept",
     )
-    k_recs: int = Field(10, ge=1, le=1000, description="items per response")
+    k_recs: int = Field(K, ge=1, le=1000, description="items per response (the K of every metric)")
     api_token: Annotated[SecretStr | None, BeforeValidator(none_if_blank)] = Field(
         None, description="bearer token for /reco and /models; unset = open"
     )
