@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['select_champion', 'best_runs_per_model', 'register_champion', 'per_user_test_scores', 'confidence_vs_champion',
-           'load_run_model', 'build_export', 'fetch_champion_export', 'publish_models']
+           'load_run_model', 'run_scores', 'export_meta', 'build_export', 'fetch_champion_export', 'publish_models']
 
 # %% ../nbs/23_select_champion.ipynb #f925d3f7
 import reco_lab.core  # noqa: F401
@@ -138,6 +138,34 @@ def load_run_model(run_id: str, uri: str | None = None) -> ModelBase:
         with open(path, "rb") as f:
             return pickle.load(f)
 
+# %% ../nbs/23_select_champion.ipynb #4e212020
+def run_scores(run: pd.Series) -> dict[str, float]:
+    "The selection (validation) and the main (test) metric of a run, as the manifest records them."
+    return {
+        SELECTION_METRIC: float(run[f"metrics.{SELECTION_METRIC}"]),
+        MAIN_METRIC: float(run[f"metrics.{MAIN_METRIC}"]),
+    }
+
+
+def export_meta(runs: dict[str, pd.Series], champion: pd.Series, registered: tuple[str, str] | None) -> dict:
+    "The manifest's account of where the lists come from: the champion's run and registry name, every served run."
+    return {
+        "champion": {
+            "model": champion["tags.model"],
+            "run_id": champion["run_id"],
+            "run_name": champion["tags.mlflow.runName"],
+            **run_scores(champion),
+            "protocol": champion["tags.protocol"],
+            "split": champion["tags.split"],
+            "registered_model": registered[0] if registered else None,
+            "alias": registered[1] if registered else None,
+        },
+        "models": {
+            name: {"run_id": run["run_id"], "run_name": run["tags.mlflow.runName"], **run_scores(run)}
+            for name, run in runs.items()
+        },
+    }
+
 # %% ../nbs/23_select_champion.ipynb #0f9f3c08
 def build_export(
     data: RecoData,
@@ -159,28 +187,7 @@ def build_export(
         models[name] = (load_run_model(run["run_id"], uri), prepare(name, data.dataset, params))
         log(f"{name}: run {run['tags.mlflow.runName']}")
 
-    def scores(run: pd.Series) -> dict[str, float]:
-        return {
-            SELECTION_METRIC: float(run[f"metrics.{SELECTION_METRIC}"]),
-            MAIN_METRIC: float(run[f"metrics.{MAIN_METRIC}"]),
-        }
-
-    meta = {
-        "champion": {
-            "model": champion["tags.model"],
-            "run_id": champion["run_id"],
-            "run_name": champion["tags.mlflow.runName"],
-            **scores(champion),
-            "protocol": champion["tags.protocol"],
-            "split": champion["tags.split"],
-            "registered_model": registered[0] if registered else None,
-            "alias": registered[1] if registered else None,
-        },
-        "models": {
-            name: {"run_id": run["run_id"], "run_name": run["tags.mlflow.runName"], **scores(run)}
-            for name, run in runs.items()
-        },
-    }
+    meta = export_meta(runs, champion, registered)
     return export_models(data, models, folder, depth=depth, meta=meta, log=log)
 
 # %% ../nbs/23_select_champion.ipynb #9d0c23da

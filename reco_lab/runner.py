@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['STUDY', 'PROTOCOL_NOTES', 'FOLDS_NOTE', 'MODELS_NOTE', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only',
            'declared_parameters', 'parameter_type', 'checked_value', 'plan', 'render_html', 'execute_job',
-           'attach_notebook', 'Study', 'writable_dir', 'study_dirs', 'run_study', 'study_runs', 'fold_values',
-           'leaderboard', 'champion_run_id', 'display_uri', 'reports_folder', 'study_header', 'notebook_links',
-           'write_reports', 'results_markdown', 'comparison_markdown']
+           'attach_notebook', 'Study', 'writable_dir', 'study_dirs', 'study_protocol', 'run_study', 'study_runs',
+           'fold_values', 'leaderboard', 'champion_run_id', 'display_uri', 'reports_folder', 'study_header',
+           'notebook_links', 'write_reports', 'results_markdown', 'comparison_markdown']
 
 # %% ../nbs/51_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
@@ -263,6 +263,18 @@ def study_dirs(
         reports = project_root() / "reports" / ("" if protocol == default else protocol)
     return out, reports
 
+# %% ../nbs/51_runner.ipynb #f3c951e2
+def study_protocol(dataset: str, protocol: str = "") -> tuple[str, str]:
+    "The protocol a study of `dataset` runs (`protocol` or the dataset's default) and that default; bad names raise."
+    from reco_lab.data import parse_dataset
+    from reco_lab.evaluation import PROTOCOLS, default_protocol
+
+    parse_dataset(dataset)  # a bad dataset name or a missing Kion file stops the study before anything runs
+    if protocol and protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    default = default_protocol(dataset)
+    return protocol or default, default
+
 # %% ../nbs/51_runner.ipynb #024affa3
 def run_study(
     dataset: str = "ml-100k",
@@ -277,14 +289,7 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> Study:
     "Run the study's notebooks with papermill; each executed copy and its HTML go to the output folder."
-    from reco_lab.data import parse_dataset
-    from reco_lab.evaluation import PROTOCOLS, default_protocol
-
-    parse_dataset(dataset)  # a bad dataset name or a missing Kion file stops us here
-    if protocol and protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-    default = default_protocol(dataset)
-    protocol = protocol or default
+    protocol, default = study_protocol(dataset, protocol)
     client = check_tracking()  # so does a tracking store that is down, before any training
     jobs = plan(only, grid)
     study_id = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -7,8 +7,8 @@ __all__ = ['DEFAULT_PORT', 'DEFAULT_BUCKET', 'PG_USER', 'DB_NAME', 'DB_USER', 'S
            'stack_dir', 'port_in_use', 'Stack', 'process', 'remember', 'kill_tree', 'spawn', 'log_tail', 'postgres_bin',
            'as_pg_user', 'pg_can_enter', 'pg_root_for', 'connect', 'start_postgres', 'stop_postgres', 'wait_http',
            's3_client', 'ensure_bucket', 'free_ports', 'weed_command', 'bucket_keys', 'import_saved_bucket', 'start_s3',
-           'stop_s3', 'mlflow_config', 'start_mlflow', 'stop_mlflow', 'locked', 'healthy', 'stack_up', 'stack_down',
-           'stack_status', 'format_status', 'main']
+           'stop_s3', 'mlflow_config', 'start_mlflow', 'stop_mlflow', 'locked', 'healthy', 'configure', 'stack_up',
+           'stack_down', 'stack_status', 'format_status', 'parser', 'main']
 
 # %% ../nbs/50_stack.ipynb #e72de4aa
 import reco_lab.core  # noqa: F401
@@ -31,6 +31,7 @@ from pathlib import Path
 from collections.abc import Iterable, Iterator
 
 import psutil
+from fastcore.basics import patch
 
 from .core import answers_ok, console_script, project_root
 
@@ -95,28 +96,33 @@ class Stack:
         "True when artifacts go to a MinIO/S3 endpoint that this stack did not start."
         return bool(self.s3_endpoint) and not self.s3_port
 
-    @property
-    def state_file(self) -> Path:
-        return self.dir / "stack.json"
+# %% ../nbs/50_stack.ipynb #fd1ca675
+@patch(as_prop=True)
+def state_file(self: Stack) -> Path:
+    "`stack.json` in the stack's folder."
+    return self.dir / "stack.json"
 
-    def save(self) -> None:
-        "Write `stack.json`, readable by its owner only (it holds the database password)."
-        self.dir.mkdir(parents=True, exist_ok=True)
-        data = {**asdict(self), "dir": str(self.dir)}
-        tmp = self.state_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        tmp.replace(self.state_file)
 
-    @classmethod
-    def load(cls, folder: Path) -> "Stack | None":
-        "The stack recorded in `folder`, or None."
-        path = Path(folder) / "stack.json"
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        return cls(**{**data, "dir": Path(data["dir"])})
+@patch
+def save(self: Stack) -> None:
+    "Write `stack.json`, readable by its owner only (it holds the database password)."
+    self.dir.mkdir(parents=True, exist_ok=True)
+    data = {**asdict(self), "dir": str(self.dir)}
+    tmp = self.state_file.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    tmp.replace(self.state_file)
+
+
+@patch(cls_method=True)
+def load(cls: Stack, folder: Path) -> "Stack | None":
+    "The stack recorded in `folder`, or None."
+    path = Path(folder) / "stack.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return cls(**{**data, "dir": Path(data["dir"])})
 
 # %% ../nbs/50_stack.ipynb #a6ad8bbc
 def process(stack: Stack, name: str) -> psutil.Process | None:
@@ -568,6 +574,44 @@ def healthy(stack: Stack, name: str) -> bool:
     except Exception:
         return False
 
+# %% ../nbs/50_stack.ipynb #9cf94f0f
+def configure(
+    stack: Stack,
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    s3_endpoint: str | None = None,
+    s3_key: str | None = None,
+    s3_secret: str | None = None,
+    bucket: str | None = None,
+    workers: int | None = None,
+) -> Stack:
+    "Apply `stack_up`'s options to `stack` (unset ones keep the saved values); switching to an external S3 stops ours."
+    wanted = {
+        "host": host or stack.host,
+        "bucket": bucket or stack.bucket,
+        "workers": workers or stack.workers,
+        "mlflow_port": stack.mlflow_port,
+    }
+    if port:
+        wanted["mlflow_port"] = port
+    elif port == 0 and not healthy(stack, "mlflow"):
+        wanted["mlflow_port"] = free_port()
+    if s3_endpoint := s3_endpoint or os.environ.get("RECO_LAB_S3_ENDPOINT_URL"):
+        key = s3_key or os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = s3_secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not (key and secret):
+            raise StackError(
+                f"S3 endpoint {s3_endpoint} needs keys: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or pass --s3-key and --s3-secret)"
+            )
+        if process(stack, "s3") is not None:  # from the local SeaweedFS to an external endpoint
+            stop_s3(stack)
+        wanted |= {"s3_port": 0, "s3_endpoint": s3_endpoint.rstrip("/"), "s3_key": key, "s3_secret": secret}
+    for k, v in wanted.items():
+        setattr(stack, k, v)
+    return stack
+
 # %% ../nbs/50_stack.ipynb #c506d2d0
 def stack_up(
     folder: str | Path | None = None,
@@ -586,29 +630,16 @@ def stack_up(
     folder = Path(folder or stack_dir()).expanduser().resolve()
     with locked(folder):
         stack = Stack.load(folder) or Stack(folder)
-        wanted = {
-            "host": host or stack.host,
-            "bucket": bucket or stack.bucket,
-            "workers": workers or stack.workers,
-            "mlflow_port": stack.mlflow_port,
-        }
-        if port:
-            wanted["mlflow_port"] = port
-        elif port == 0 and not healthy(stack, "mlflow"):
-            wanted["mlflow_port"] = free_port()
-        if s3_endpoint := s3_endpoint or os.environ.get("RECO_LAB_S3_ENDPOINT_URL"):
-            key = s3_key or os.environ.get("AWS_ACCESS_KEY_ID")
-            secret = s3_secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
-            if not (key and secret):
-                raise StackError(
-                    f"S3 endpoint {s3_endpoint} needs keys: set AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY (or pass --s3-key and --s3-secret)"
-                )
-            if process(stack, "s3") is not None:  # from the local SeaweedFS to an external endpoint
-                stop_s3(stack)
-            wanted |= {"s3_port": 0, "s3_endpoint": s3_endpoint.rstrip("/"), "s3_key": key, "s3_secret": secret}
-        for k, v in wanted.items():
-            setattr(stack, k, v)
+        configure(
+            stack,
+            port=port,
+            host=host,
+            s3_endpoint=s3_endpoint,
+            s3_key=s3_key,
+            s3_secret=s3_secret,
+            bucket=bucket,
+            workers=workers,
+        )
         started = []
         try:
             for name, start, stop in (("postgres", start_postgres, stop_postgres), ("s3", start_s3, stop_s3)):
@@ -699,14 +730,14 @@ def format_status(status: dict[str, dict]) -> str:
         for name, s in status.items()
     )
 
-# %% ../nbs/50_stack.ipynb #bc2e00e2
-def main(argv: list[str] | None = None) -> int:
-    "`reco-lab tracking up|down|status`."
-    parser = argparse.ArgumentParser(
+# %% ../nbs/50_stack.ipynb #86f39109
+def parser() -> argparse.ArgumentParser:
+    "The options of `reco-lab tracking`."
+    p = argparse.ArgumentParser(
         prog="reco-lab tracking", description="a local MLflow server on a private PostgreSQL and an S3 endpoint"
     )
-    parser.add_argument("--dir", type=Path, default=None, help="state folder (default: RECO_LAB_STACK_DIR or .stack/)")
-    sub = parser.add_subparsers(dest="action", required=True)
+    p.add_argument("--dir", type=Path, default=None, help="state folder (default: RECO_LAB_STACK_DIR or .stack/)")
+    sub = p.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start PostgreSQL, S3 and mlflow server (what is running is left alone)")
     up.add_argument("--port", type=int, default=None, help=f"MLflow's port (default {DEFAULT_PORT}; 0 = any free port)")
     up.add_argument("--host", default=None, help="interface MLflow binds to (default 127.0.0.1)")
@@ -726,7 +757,12 @@ def main(argv: list[str] | None = None) -> int:
     down = sub.add_parser("down", help="stop every process of the stack (data is kept)")
     down.add_argument("--purge", action="store_true", help="also delete the database, the bucket's data and the state")
     sub.add_parser("status", help="show each piece; exit 0 when all answer, 3 otherwise")
-    args = parser.parse_args(argv)
+    return p
+
+# %% ../nbs/50_stack.ipynb #bc2e00e2
+def main(argv: list[str] | None = None) -> int:
+    "`reco-lab tracking up|down|status`."
+    args = parser().parse_args(argv)
     folder = args.dir or stack_dir()
     try:
         if args.action == "up":

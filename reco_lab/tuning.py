@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TUNABLE', 'CONFIG_HEADER', 'best_tuned_candidate', 'base_params', 'Tuning', 'Search', 'run_trial', 'log_best', 'tune',
-           'optuna_param', 'save_tuning', 'main']
+           'optuna_param', 'save_tuning', 'parser', 'main']
 
 # %% ../nbs/15_tuning.ipynb #7902788b
 import reco_lab.core  # noqa: F401
@@ -212,9 +212,9 @@ def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
     tmp.replace(path)
     return str(path)
 
-# %% ../nbs/15_tuning.ipynb #83eea707
-def main(argv: list[str] | None = None) -> int:
-    "`reco-lab tune --model NAME --trials N [--dataset D] [--protocol P] [--quick] [--save]`."
+# %% ../nbs/15_tuning.ipynb #4e420b27
+def parser() -> argparse.ArgumentParser:
+    "The options of `reco-lab tune`."
     p = argparse.ArgumentParser(
         prog="reco-lab tune",
         description="Tune a model's hyper-parameters with Optuna on the "
@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         "--first-stage", help="ranker only: the candidate under CatBoost (default: the best tuned in the config)"
     )
     p.add_argument("--save", action="store_true", help="write the best values into configs/<dataset>.yaml")
+    return p
+
+# %% ../nbs/15_tuning.ipynb #83eea707
+def main(argv: list[str] | None = None) -> int:
+    "`reco-lab tune --model NAME --trials N [--dataset D] [--protocol P] [--quick] [--save]`."
+    p = parser()
     args = p.parse_args(argv)
     if args.save and args.quick:
         p.error("--save with --quick: a quick search is not saved")

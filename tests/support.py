@@ -24,9 +24,14 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, **kw)
 
 
-def reco_lab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    "`reco-lab ARGS` of this environment, run from the repository."
-    return run([console_script("reco-lab"), *args], cwd=ROOT, timeout=timeout)
+def reco_lab(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    "`reco-lab ARGS` of this environment, run from the repository with `env` added to the environment."
+    return run([console_script("reco-lab"), *args], env=env or {}, cwd=ROOT, timeout=timeout)
+
+
+def study_dirs(folder: Path) -> list[str]:
+    "`reco-lab run` options writing the executed notebooks and the reports under `folder`, not into the repository."
+    return ["--output-dir", str(folder / "out"), "--reports-dir", str(folder / "reports")]
 
 
 def get(url: str, token: str | None = None, method: str = "GET", timeout: float = 10) -> tuple[int, dict, object]:

@@ -97,30 +97,16 @@ def test_kion_empty_or_header_only_file_is_one_clear_error(tmp_path, content, me
 
 def test_the_cli_stops_before_any_training_with_one_line(tmp_path, mlflow_uri):
     "The id that used to become INT64_MIN (and a study that exited 0), and the header-only file (ZeroDivisionError)."
-    from conftest import ROOT, run, tool
+    from support import reco_lab, study_dirs
 
     bad_id = kion_folder(tmp_path / "a", with_value("user_id", "99999999999999999999"))
-    done = run(
-        [
-            tool("reco-lab"),
-            "run",
-            "--dataset",
-            f"kion:{bad_id}",
-            "--quick",
-            "--only",
-            "popular",
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--reports-dir",
-            str(tmp_path / "reports"),
-        ],
-        cwd=ROOT,
-        timeout=300,
+    done = reco_lab(
+        "run", "--dataset", f"kion:{bad_id}", "--quick", "--only", "popular", *study_dirs(tmp_path), timeout=300
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"{bad_id / 'interactions.csv'}: column 'user_id', line 7: '99999999999999999999'" in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.ipynb"))  # nothing ran
     header_only = kion_folder(tmp_path / "b", lambda lines: lines[0] + "\n")
-    done = run([tool("reco-lab"), "summary", "--dataset", f"kion:{header_only}"], cwd=ROOT, timeout=120)
+    done = reco_lab("summary", "--dataset", f"kion:{header_only}", timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
     assert "interactions.csv has a header but no rows" in done.stderr

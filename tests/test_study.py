@@ -23,7 +23,8 @@ from reco_lab import stack as st
 from reco_lab.core import MODELS as ALL_MODELS
 from reco_lab.core import free_port
 
-from conftest import BIN, ROOT, query, run, tool
+from conftest import BIN, query, run, tool
+from support import reco_lab, study_dirs
 
 MODELS = set(ALL_MODELS)
 
@@ -59,19 +60,10 @@ def tracking_stack(request):
 def study(tmp_path_factory, tracking_stack):
     tmp = tmp_path_factory.mktemp("study")
     env = {"MLFLOW_TRACKING_URI": tracking_stack.tracking_uri, "RECO_LAB_MODELS_DIR": str(tmp / "models")}
-    seed = run(
-        [tool("reco-lab"), "run", "--only", "popular,champion", "--output-dir", str(tmp / "seed")],
-        env={**env, "RECO_LAB_MODELS_DIR": str(tmp / "seed-models")},
-        cwd=ROOT,
-        timeout=900,
-    )
+    seed_env = {**env, "RECO_LAB_MODELS_DIR": str(tmp / "seed-models")}
+    seed = reco_lab("run", "--only", "popular,champion", "--output-dir", str(tmp / "seed"), env=seed_env, timeout=900)
     assert seed.returncode == 0, seed.stdout[-3000:] + seed.stderr[-3000:]
-    result = run(
-        [tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp / "out"), "--reports-dir", str(tmp / "reports")],
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
+    result = reco_lab("run", "--quick", *study_dirs(tmp), env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp, env, result
 
@@ -87,6 +79,12 @@ def finished_runs(client, quick: bool | None = True):
         if exp.name in ("candidates", "ranker"):
             runs += client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
     return [r for r in runs if quick is None or r.data.tags["quick"] == str(quick).lower()]
+
+
+def quick_runs(study):
+    "The study's client and its quick runs by model."
+    client = client_of(study[1])
+    return client, {r.data.tags["model"]: r for r in finished_runs(client)}
 
 
 def test_rows_land_in_postgres_and_artifacts_in_the_bucket(study, tracking_stack):
@@ -138,9 +136,7 @@ def test_progress_and_every_notebook_rendered(study):
 
 
 def test_runs_have_validation_and_test_metrics_by_fold(study):
-    _, env, _ = study
-    client = client_of(env)
-    runs = {r.data.tags["model"]: r for r in finished_runs(client)}
+    client, runs = quick_runs(study)
     assert set(runs) == MODELS
     split = {r.data.tags["split"] for r in runs.values()}
     assert len(split) == 1 and {r.data.tags["study_id"] for r in runs.values()} != {""}
@@ -186,9 +182,7 @@ def test_runs_have_validation_and_test_metrics_by_fold(study):
 
 
 def test_curves_come_from_the_validation_split(study):
-    _, env, _ = study
-    client = client_of(env)
-    runs = {r.data.tags["model"]: r for r in finished_runs(client)}
+    client, runs = quick_runs(study)
     als = runs["als"].info.run_id
     epochs = int(runs["als"].data.params["epochs"])
     for k in (0, 1):
@@ -241,23 +235,8 @@ def test_leaderboard_lists_every_model_with_its_interval(study):
 
 def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = run(
-        [
-            tool("reco-lab"),
-            "run",
-            "--quick",
-            "--only",
-            "popular,knn",
-            "--grid",
-            "knn_weighting=nonsense",
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--reports-dir",
-            str(tmp_path / "reports"),
-        ],
-        env=env,
-        cwd=ROOT,
-        timeout=600,
+    result = reco_lab(
+        "run", "--quick", "--only", "popular,knn", "--grid", "knn_weighting=nonsense", *study_dirs(tmp_path), env=env
     )
     assert result.returncode == 1
     assert "10_baselines (knn) failed in cell" in result.stderr and "unknown knn_weighting 'nonsense'" in result.stderr
@@ -278,22 +257,20 @@ def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
 )
 def test_bad_cli_input_stops_before_anything_runs(tmp_path, args, message):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = run([tool("reco-lab"), "run", "--quick", *args], env=env, cwd=ROOT, timeout=300)
+    result = reco_lab("run", "--quick", *args, env=env, timeout=300)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "[1/" not in result.stdout
 
 
 def test_unreachable_tracking_server_fails_before_any_notebook(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    result = run(
-        [tool("reco-lab"), "run", "--quick", "--output-dir", str(tmp_path / "out")], env=env, cwd=ROOT, timeout=120
-    )
+    result = reco_lab("run", "--quick", "--output-dir", str(tmp_path / "out"), env=env, timeout=120)
     assert result.returncode == 2 and "is not reachable" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_dataset_is_refused_up_front(tmp_path):
-    result = run([tool("reco-lab"), "run", "--dataset", f"kion:{tmp_path}"], cwd=ROOT, timeout=120)
+    result = reco_lab("run", "--dataset", f"kion:{tmp_path}", timeout=120)
     assert result.returncode == 2 and "interactions.csv, users.csv, items.csv not found" in result.stderr
 
 
@@ -303,35 +280,19 @@ def test_a_small_dataset_goes_end_to_end(tmp_path):
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "RECO_LAB_MODELS_DIR": str(tmp_path / "models"),
     }
-    result = run(
-        [
-            tool("reco-lab"),
-            "run",
-            "--quick",
-            "--dataset",
-            "synthetic:100",
-            "--only",
-            "popular,knn,champion",
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    only = ("--only", "popular,knn,champion")
+    result = reco_lab("run", "--quick", "--dataset", "synthetic:100", *only, *study_dirs(tmp_path), env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     from reco_lab.export import load_export
 
     assert load_export(tmp_path / "models").models == ["popular", "knn"]
-    small = run([tool("reco-lab"), "run", "--quick", "--dataset", "synthetic:99"], env=env, cwd=ROOT, timeout=120)
+    small = reco_lab("run", "--quick", "--dataset", "synthetic:99", env=env, timeout=120)
     assert small.returncode == 2 and "at least 100 users" in small.stderr
 
 
 def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    result = run(
-        [tool("reco-lab"), "tune", "--model", "als", "--trials", "3", "--quick"], env=env, cwd=ROOT, timeout=600
-    )
+    result = reco_lab("tune", "--model", "als", "--trials", "3", "--quick", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("tuning")
@@ -344,7 +305,7 @@ def test_tune_leaves_a_parent_with_nested_trials(tmp_path):
     )
     assert parents[0].data.metrics["best_val_map_at_10"] == max(r.data.metrics["val_map_at_10"] for r in children)
     assert not any("map_at_10" in r.data.metrics for r in children), "tuning never scores a test"
-    bad = run([tool("reco-lab"), "tune", "--model", "popular", "--trials", "3"], env=env, cwd=ROOT, timeout=120)
+    bad = reco_lab("tune", "--model", "popular", "--trials", "3", env=env, timeout=120)
     assert bad.returncode == 2 and "invalid choice: 'popular'" in bad.stderr
 
 
