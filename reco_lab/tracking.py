@@ -114,15 +114,12 @@ def run_name(model: str, params: dict[str, Any], key_params: tuple[str, ...] = (
 def git_state(root: Path | None = None) -> tuple[str, bool]:
     "The checkout's HEAD commit and whether tracked files have changes; (`unknown`, False) outside git."
     root = root or project_root()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown", False
     if head.returncode != 0:
