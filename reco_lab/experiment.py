@@ -7,7 +7,7 @@ __all__ = ['MODEL_MODULES', 'QUICK_CAPS', 'model_module', 'make_model', 'interac
            'config_path', 'tuned_config', 'quick_params', 'resolve_params', 'params_source', 'setup',
            'complete_with_popular', 'recommend', 'served_lists', 'score', 'eval_curve', 'fit_fold', 'fit_final',
            'evaluate_folds', 'log_final_model', 'data_checksum', 'dataset_source', 'log_data', 'model_config',
-           'run_experiment', 'vector_factors', 'topk_items', 'check_topk']
+           'run_experiment', 'vector_factors', 'bulk_topk', 'topk_items', 'check_topk']
 
 # %% ../nbs/04_experiment.ipynb #d84d2a68
 import reco_lab.core  # noqa: F401
@@ -360,6 +360,58 @@ def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.n
         return None
     return np.ascontiguousarray(users, dtype=np.float32), np.ascontiguousarray(items, dtype=np.float32)
 
+# %% ../nbs/04_experiment.ipynb #62c8a09a
+def _popular_topk(model, seen, k: int) -> tuple[np.ndarray, np.ndarray]:
+    "The first `k` items of `model.popularity_list` each row of `seen` has not seen: (internal ids, scores), -1/NaN."
+    items, scores = model.popularity_list
+    position = np.full(seen.shape[1], -1, dtype=np.int64)
+    position[items] = np.arange(len(items))
+    rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+    pos = position[seen.indices]
+    rows, pos = rows[pos >= 0], pos[pos >= 0]
+    order = np.lexsort((pos, rows))
+    rows, pos = rows[order], pos[order]
+    ahead = pos - (np.arange(len(rows)) - np.searchsorted(rows, rows))  # unseen items ahead of each seen one
+    keep = ahead < k
+    counts = np.bincount(rows[keep] * k + ahead[keep], minlength=seen.shape[0] * k).reshape(-1, k)
+    at = np.arange(k) + np.cumsum(counts, axis=1)
+    valid = at < len(items)
+    at = np.minimum(at, len(items) - 1)
+    return np.where(valid, items[at], -1), np.where(valid, scores[at], np.nan).astype(np.float32)
+
+# %% ../nbs/04_experiment.ipynb #4661df57
+def _knn_topk(model, user_items, k: int) -> tuple[np.ndarray, np.ndarray]:
+    "Top-`k` unseen (internal ids, scores) of each row of `user_items` from a fitted rectools item-kNN, -1/NaN padded."
+    scorer = model.model.scorer
+    indptr, indices, data = user_items.indptr, user_items.indices, user_items.data.astype(np.float32)
+    ids = np.full((user_items.shape[0], k), -1, dtype=np.int64)
+    scores = np.full((user_items.shape[0], k), np.nan, dtype=np.float32)
+    for row in range(user_items.shape[0]):
+        lo, hi = indptr[row], indptr[row + 1]
+        one = np.array([0, hi - lo], dtype=indptr.dtype)
+        found, values = scorer.recommend(one, indices[lo:hi], data[lo:hi], K=k, remove_own_likes=True)
+        ids[row, : len(found)], scores[row, : len(found)] = found, values
+    return ids, scores
+
+# %% ../nbs/04_experiment.ipynb #457eb08e
+def bulk_topk(model: ModelBase, dataset: Dataset, k: int, num_threads: int | None = None) -> Callable | None:
+    "A function from internal user ids to their top-`k` unseen (internal item ids, scores), or None for other models."
+    from implicit.cpu.topk import topk
+    from rectools.models import ImplicitItemKNNWrapperModel, PopularModel
+
+    seen = dataset.get_user_item_matrix(include_weights=False)
+    if (factors := vector_factors(model, dataset)) is not None:
+        user_f, item_f = factors
+        threads = num_threads or n_threads()
+        k = min(k, item_f.shape[0])
+        return lambda rows: topk(item_f, user_f[rows], k, filter_query_items=seen[rows], num_threads=threads)
+    if isinstance(model, PopularModel):
+        return lambda rows: _popular_topk(model, seen[rows], k)
+    if isinstance(model, ImplicitItemKNNWrapperModel):
+        weighted = dataset.get_user_item_matrix(include_weights=True)
+        return lambda rows: _knn_topk(model, weighted[rows], k)
+    return None
+
 # %% ../nbs/04_experiment.ipynb #d5416d27
 def topk_items(
     model: ModelBase,
@@ -371,13 +423,14 @@ def topk_items(
     with_scores: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     "Top-`k` unseen item ids of each of `users` as a -1 padded matrix (and the NaN padded scores)."
-    from implicit.cpu.topk import topk
+    from rectools.models import PopularModel
+    from scipy import sparse
 
     users = np.asarray(users)
     out = np.full((len(users), k), -1, dtype=np.int64)
     out_scores = np.full((len(users), k), np.nan, dtype=np.float32)
-    factors = vector_factors(model, dataset)
-    if factors is None:
+    rank = bulk_topk(model, dataset, k, num_threads)
+    if rank is None:
         # a model's own recommend can build far larger frames than its output (the ranker: every candidate with
         # its features, ~70 rows per user), so it gets a fifth of the batch: at 1M users 100k-user batches of the
         # ranker pushed the export's peak RSS to 8.7 GB
@@ -390,26 +443,20 @@ def topk_items(
             out[rows, cols] = reco[Columns.Item].to_numpy()
             out_scores[rows, cols] = reco[Columns.Score].to_numpy()
         return (out, out_scores) if with_scores else out
-    user_f, item_f = factors
-    known = np.flatnonzero(np.isin(users, dataset.user_id_map.external_ids))  # users the model never saw keep -1 rows
+    known = np.isin(users, dataset.user_id_map.external_ids)  # users the model never saw keep -1 rows
+    positions = np.flatnonzero(known)
     idx = dataset.user_id_map.convert_to_internal(users[known])
-    seen = dataset.get_user_item_matrix(include_weights=False)
     external = dataset.item_id_map.external_ids
     for start in range(0, len(idx), batch):
-        rows = idx[start : start + batch]
-        ids, scores = topk(
-            item_f,
-            user_f[rows],
-            min(k, item_f.shape[0]),
-            filter_query_items=seen[rows],
-            num_threads=num_threads or n_threads(),
-        )
-        items = external[ids]
+        ids, scores = rank(idx[start : start + batch])
         missing = ~np.isfinite(scores) | (ids < 0)
-        items[missing] = -1
-        scores[missing] = np.nan
-        out[known[start : start + len(rows)], : items.shape[1]] = items
-        out_scores[known[start : start + len(rows)], : items.shape[1]] = scores
+        at = positions[start : start + len(ids)]
+        out[at, : ids.shape[1]] = np.where(missing, -1, external[np.maximum(ids, 0)])
+        out_scores[at, : ids.shape[1]] = np.where(missing, np.nan, scores)
+    if isinstance(model, PopularModel) and not known.all():  # popular needs no history: strangers get its list
+        ids, scores = _popular_topk(model, sparse.csr_matrix((1, external.size)), k)
+        out[~known] = np.where(ids[0] < 0, -1, external[np.maximum(ids[0], 0)])
+        out_scores[~known] = scores[0]
     return (out, out_scores) if with_scores else out
 
 # %% ../nbs/04_experiment.ipynb #50cbd755
