@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DAY', 'DEFAULTS', 'NoCandidateRuns', 'choose_first_stage', 'RankerFeatures', 'PositiveUsersSampler',
            'EvalSetCatBoostReranker', 'FastCandidateGenerator', 'prepare', 'make_ranker', 'search_space', 'fit_fold',
-           'fit_final', 'catboost_curves']
+           'fit_final', 'catboost_curves', 'share_first_stage']
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #d548bf27
 import reco_lab.core  # noqa: F401
@@ -19,6 +19,7 @@ from catboost import CatBoostClassifier, Pool
 from rectools import Columns
 from rectools.dataset import Dataset
 from rectools.models import PopularModel
+from rectools.models.base import ModelBase
 from rectools.models.ranking import (
     CandidateFeatureCollector,
     CandidateGenerator,
@@ -96,6 +97,20 @@ class _Timeline:
         at = lambda i: np.where(has, self.keys[np.minimum(i, len(self.keys) - 1)] - base + self.t0, np.nan)  # noqa: E731
         return at(low), at(high - 1)
 
+# %% ../../nbs/14_catboost_pointwise.ipynb #1b3fdf06
+def _user_table(inter: pd.DataFrame, now: pd.Series, timeline: _Timeline) -> pd.DataFrame:
+    "Per user: interactions, mean item popularity as of the user's reference time, days since last and first."
+    seconds = inter[Columns.Datetime].to_numpy().astype("datetime64[s]").astype(np.int64)
+    pop_then = timeline.count(inter[Columns.Item].to_numpy(), now.reindex(inter[Columns.User]).to_numpy())
+    user = (
+        pd.DataFrame({Columns.User: inter[Columns.User].to_numpy(), "t": seconds, "pop": pop_then})
+        .groupby(Columns.User)
+        .agg(user_n=("t", "size"), user_last=("t", "max"), user_first=("t", "min"), user_mean_item_pop=("pop", "mean"))
+    )
+    user["user_days_since_last"] = (now.reindex(user.index) - user.pop("user_last")) / 86_400
+    user["user_tenure_days"] = (now.reindex(user.index) - user.pop("user_first")) / 86_400
+    return user
+
 # %% ../../nbs/14_catboost_pointwise.ipynb #450d4bd7
 class RankerFeatures(CandidateFeatureCollector):
     "User, item and user-item features for candidate pairs, from the given dataset's interactions up to a reference"
@@ -127,6 +142,7 @@ class RankerFeatures(CandidateFeatureCollector):
                 lambda ts: " ".join(t.strip().lower().replace(" ", "_") for t in ts if t.strip()) or "none"
             )
         self.users, self.items = u, i
+        self._memo = None
 
     @property
     def cat_features(self) -> list[str]:
@@ -150,27 +166,32 @@ class RankerFeatures(CandidateFeatureCollector):
             now = inter[Columns.Datetime].max()
         return pd.Series(now.value // 10**9, index=last.index, dtype=np.int64)
 
-    def collect_features(self, useritem: pd.DataFrame, dataset: Dataset, fold_info: dict | None) -> pd.DataFrame:
-        "`useritem` (candidates with first-stage ranks and scores) joined with every feature."
+    def history(self, dataset: Dataset, fold_info: dict | None) -> dict[str, Any]:
+        "What every candidate's features need from `dataset`, computed once per dataset and reference time."
+        key = (id(dataset), repr(fold_info), self.reference_time, self.per_user_time)
+        memo = getattr(self, "_memo", None)  # models pickled before the memo existed have none
+        if memo is not None and memo[0] == key and memo[1] is dataset:
+            return memo[2]
         inter = dataset.get_raw_interactions()
         now = self.reference(inter, fold_info)
         timeline = _Timeline(inter)
-        seconds = inter[Columns.Datetime].to_numpy().astype("datetime64[s]").astype(np.int64)
-        # users: their whole history lies before their reference time
-        user_now = now.reindex(inter[Columns.User]).to_numpy()
-        pop_then = timeline.count(inter[Columns.Item].to_numpy(), user_now)
-        user = (
-            pd.DataFrame({Columns.User: inter[Columns.User].to_numpy(), "t": seconds, "pop": pop_then})
-            .groupby(Columns.User)
-            .agg(
-                user_n=("t", "size"),
-                user_last=("t", "max"),
-                user_first=("t", "min"),
-                user_mean_item_pop=("pop", "mean"),
-            )
-        )
-        user["user_days_since_last"] = (now.reindex(user.index) - user.pop("user_last")) / 86_400
-        user["user_tenure_days"] = (now.reindex(user.index) - user.pop("user_first")) / 86_400
+        first = inter.groupby(Columns.User)[Columns.Datetime].min().to_numpy().astype("datetime64[s]")
+        state = {
+            "now": now,
+            "timeline": timeline,
+            "user": _user_table(inter, now, timeline),
+            "user_first": np.sort(first.astype(np.int64)),
+        }
+        self._memo = (key, dataset, state)
+        return state
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_memo"}
+
+    def collect_features(self, useritem: pd.DataFrame, dataset: Dataset, fold_info: dict | None) -> pd.DataFrame:
+        "`useritem` (candidates with first-stage ranks and scores) joined with every feature."
+        h = self.history(dataset, fold_info)
+        now, timeline = h["now"], h["timeline"]
         # items, as of each (item, reference time) pair the candidates need
         pairs = pd.DataFrame(
             {
@@ -185,15 +206,12 @@ class RankerFeatures(CandidateFeatureCollector):
         keys["item_n_30d"] = timeline.count(it, t, t - 30 * 86_400)
         first, last = timeline.first_last(it, t)
         keys["item_age_days"], keys["item_days_since_last"] = (t - first) / 86_400, (t - last) / 86_400
-        user_first = np.sort(
-            inter.groupby(Columns.User)[Columns.Datetime].min().to_numpy().astype("datetime64[s]").astype(np.int64)
-        )
-        keys["item_pop_share"] = keys["item_n"] / np.maximum(np.searchsorted(user_first, t, side="right"), 1)
+        keys["item_pop_share"] = keys["item_n"] / np.maximum(np.searchsorted(h["user_first"], t, side="right"), 1)
         out = (
             useritem.assign(now=pairs["now"].to_numpy())
             .merge(keys, on=[Columns.Item, "now"], how="left")
             .drop(columns="now")
-            .merge(user, left_on=Columns.User, right_index=True, how="left")
+            .merge(h["user"], left_on=Columns.User, right_index=True, how="left")
             .merge(self.users, on=Columns.User, how="left")
             .merge(self.items, on=Columns.Item, how="left")
         )
@@ -258,9 +276,21 @@ class EvalSetCatBoostReranker(CatBoostReranker):
         self.evals_result = self.model.get_evals_result()
         self.n_learn_rows, self.n_eval_rows = len(learn), len(held_out)
 
+    @classmethod
+    def recommend(cls, scored_pairs: pd.DataFrame, k: int, add_rank_col: bool = True) -> pd.DataFrame:
+        "Each user's `k` best-scored pairs, users in order of appearance: rectools' result with one sort for all."
+        users = pd.factorize(scored_pairs[Columns.User])[0]
+        order = np.lexsort((-scored_pairs[Columns.Score].to_numpy(), users))
+        first = np.searchsorted(users[order], users[order])
+        rank = np.arange(len(order)) - first
+        reco = scored_pairs.iloc[order[rank < k]].reset_index(drop=True)
+        if add_rank_col:
+            reco[Columns.Rank] = rank[rank < k] + 1
+        return reco
+
 # %% ../../nbs/14_catboost_pointwise.ipynb #aa81344b
 class FastCandidateGenerator(CandidateGenerator):
-    "rectools' CandidateGenerator with implicit's batched top-k for factor models (same candidates, ranks and scores)."
+    "rectools' CandidateGenerator with `topk_items` for factor models and popular (same candidates, ranks, scores)."
 
     def generate_candidates(
         self,
@@ -271,7 +301,8 @@ class FastCandidateGenerator(CandidateGenerator):
         items_to_recommend=None,
         on_unsupported_targets="raise",
     ) -> pd.DataFrame:
-        if not filter_viewed or items_to_recommend is not None or vector_factors(self.model, dataset) is None:
+        bulk = isinstance(self.model, PopularModel) or vector_factors(self.model, dataset) is not None
+        if not filter_viewed or items_to_recommend is not None or not bulk:
             return super().generate_candidates(
                 users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets
             )
@@ -344,7 +375,7 @@ def make_ranker(
     ]
     if first_model != "popular" and n_popular > 0:
         generators.append(
-            CandidateGenerator(
+            FastCandidateGenerator(
                 PopularModel(),
                 n_popular,
                 keep_ranks=True,
@@ -424,3 +455,12 @@ def catboost_curves(ranker: CandidateRankingModel) -> dict[str, list[float]]:
         for metric, values in ranker.reranker.evals_result.get(side, {}).items():
             curves[f"{prefix}_{metric.lower()}"] = list(values)
     return curves
+
+# %% ../../nbs/14_catboost_pointwise.ipynb #07ddaf96
+def share_first_stage(ranker: CandidateRankingModel, model: ModelBase, dataset: Dataset) -> CandidateRankingModel:
+    "Recommend with `model`, fitted on `dataset`, as the first stage; the other generators are fitted on `dataset`."
+    first, *others = ranker.cand_gen_dict.values()
+    first.model, first.is_fitted_for_train, first.is_fitted_for_recommend = model, False, True
+    for generator in others:
+        generator.fit(dataset, for_train=False)
+    return ranker
