@@ -47,6 +47,14 @@ def _readable_by_all(folder: Path) -> None:
     for path in [folder, *folder.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
+# %% ../nbs/20_export.ipynb #51ad87a8
+def _save(staging: Path, rel: str, array: np.ndarray, files: dict) -> None:
+    "Save `array` as `staging/rel` and record its sha256 and size in `files`."
+    path = staging / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+    files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+
 # %% ../nbs/20_export.ipynb #b0098cd1
 def write_export(
     folder: str | Path,
@@ -61,6 +69,7 @@ def write_export(
     folder = Path(folder)
     users = np.asarray(users, dtype=np.int64)
     order = np.argsort(users, kind="stable")
+    in_order = bool((order == np.arange(len(order))).all())  # sorted already: nothing to reorder or copy
     if len(np.unique(users)) != len(users):
         raise ValueError("users must be unique")
     unknown = set(topk) - set(SERVED_MODELS)
@@ -70,33 +79,26 @@ def write_export(
         seen_lists = [np.asarray(seen.get(int(u), []), dtype=np.int64) for u in users[order]]
         indptr = np.concatenate([[0], np.cumsum([len(s) for s in seen_lists])]).astype(np.int64)
         seen_items = np.concatenate(seen_lists) if seen_lists else np.empty(0, np.int64)
-    else:  # (indptr, items) already aligned with `users`
+    elif not in_order:  # (indptr, items) aligned with `users`, which are not sorted
         indptr, seen_items = seen
         counts = np.diff(indptr)[order]
-        seen_items = (
-            np.concatenate([seen_items[indptr[i] : indptr[i + 1]] for i in order]) if len(order) else seen_items
-        )
+        seen_items = np.concatenate([seen_items[indptr[i] : indptr[i + 1]] for i in order])
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    else:
+        indptr, seen_items = np.asarray(seen[0], dtype=np.int64), np.asarray(seen[1])
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        arrays = {
-            "users.npy": users[order],
-            "seen_indptr.npy": indptr,
-            "popular.npy": np.asarray(popular, dtype=np.int64),
-        }
-        arrays["seen_items.npy"] = seen_items.astype(_id_dtype(seen_items))
-        for name, matrix in topk.items():
+        files = {}
+        _save(staging, "users.npy", users[order], files)
+        _save(staging, "seen_indptr.npy", indptr, files)
+        _save(staging, "popular.npy", np.asarray(popular, dtype=np.int64), files)
+        _save(staging, "seen_items.npy", seen_items.astype(_id_dtype(seen_items)), files)
+        for name, matrix in topk.items():  # one model's matrix in memory at a time (they may be memory-mapped)
             matrix = np.asarray(matrix)
             if matrix.ndim != 2 or matrix.shape[0] != len(users):
                 raise ValueError(f"topk[{name!r}] has shape {matrix.shape}, expected ({len(users)}, depth)")
-            arrays[f"{name}/topk.npy"] = matrix[order].astype(_id_dtype(matrix))
-        files = {}
-        for rel, array in arrays.items():
-            path = staging / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-            files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+            _save(staging, f"{name}/topk.npy", (matrix if in_order else matrix[order]).astype(_id_dtype(matrix)), files)
         manifest = {
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -8,6 +8,8 @@ __all__ = ['DEMO_PARAMS', 'seen_csr', 'export_models', 'build_demo_export']
 # %% ../nbs/21_precompute.ipynb #e375e259
 import reco_lab.core  # noqa: F401
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,12 @@ def seen_csr(data: RecoData, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(users)))])
     return indptr, inter[Columns.Item].to_numpy()
 
+# %% ../nbs/21_precompute.ipynb #894dc062
+def _spill(matrix: np.ndarray, path: Path) -> np.ndarray:
+    "Save `matrix` to `path` and give it back memory-mapped."
+    np.save(path, matrix, allow_pickle=False)
+    return np.load(path, mmap_mode="r")
+
 # %% ../nbs/21_precompute.ipynb #c2e19290
 def export_models(
     data: RecoData,
@@ -38,24 +46,26 @@ def export_models(
     log=print,
 ) -> Path:
     "Precompute each fitted `(model, dataset)`'s top-`depth` for all known users and write the checksummed export."
-    users = np.sort(data.interactions[Columns.User].unique())
-    topk = {}
-    for name, (model, dataset) in models.items():
-        topk[name] = topk_items(model, dataset, users, depth)
-        log(f"{name}: {(topk[name] >= 0).sum(axis=1).mean():.1f} items per user on average")
-    popular = (
-        data.interactions.groupby(Columns.Item)[Columns.User].nunique().sort_values(ascending=False, kind="stable")
-    )
-    meta = {
-        "dataset": data.name,
-        "data_checksum": data_checksum(data),
-        "n_items": int(data.interactions[Columns.Item].nunique()),
-        **(meta or {}),
-    }
-    # the whole catalogue by popularity: whatever a user has seen, the fallback can still fill k items
-    return write_export(
-        folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular.index.to_numpy(), meta=meta
-    )
+    users, folder = np.sort(data.interactions[Columns.User].unique()), Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=f".{folder.name}-topk-", dir=folder.parent))
+    try:
+        topk = {}
+        for name, (model, dataset) in models.items():
+            topk[name] = _spill(topk_items(model, dataset, users, depth), spill / f"{name}.npy")
+            log(f"{name}: {(topk[name] >= 0).sum(axis=1).mean():.1f} items per user on average")
+        popular = data.interactions.groupby(Columns.Item)[Columns.User].nunique()
+        meta = {
+            "dataset": data.name,
+            "data_checksum": data_checksum(data),
+            "n_items": int(data.interactions[Columns.Item].nunique()),
+            **(meta or {}),
+        }
+        # the whole catalogue by popularity: whatever a user has seen, the fallback can still fill k items
+        popular = popular.sort_values(ascending=False, kind="stable").index.to_numpy()
+        return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular, meta=meta)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 # %% ../nbs/21_precompute.ipynb #dfd0794a
 DEMO_PARAMS = {  # served name: what differs from the model's defaults
