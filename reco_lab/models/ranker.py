@@ -292,26 +292,32 @@ class EvalSetCatBoostReranker(CatBoostReranker):
 class FastCandidateGenerator(CandidateGenerator):
     "rectools' CandidateGenerator with `topk_items` for factor models and popular (same candidates, ranks, scores)."
 
+    lists = None  # (sorted users, items, scores) the fitted model already ranked on the recommend data
+
+    def fit(self, dataset: Dataset, for_train: bool) -> None:
+        self.lists = None
+        super().fit(dataset, for_train)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "lists"}
+
+    def _top(self, users: np.ndarray, dataset: Dataset, for_train: bool) -> tuple[np.ndarray, np.ndarray]:
+        "Items and scores of `users`' candidates: from `lists` when they hold them all, else `topk_items`."
+        lists = None if for_train else self.lists
+        if lists is not None and lists[1].shape[1] >= self.num_candidates and np.isin(users, lists[0]).all():
+            rows = np.searchsorted(lists[0], users)
+            return lists[1][rows, : self.num_candidates], lists[2][rows, : self.num_candidates]
+        return topk_items(self.model, dataset, users, self.num_candidates, with_scores=True)
+
     def generate_candidates(
-        self,
-        users,
-        dataset: Dataset,
-        filter_viewed: bool,
-        for_train: bool,
-        items_to_recommend=None,
-        on_unsupported_targets="raise",
+        self, users, dataset: Dataset, filter_viewed: bool, for_train: bool, items_to_recommend=None, **kwargs
     ) -> pd.DataFrame:
         bulk = isinstance(self.model, PopularModel) or vector_factors(self.model, dataset) is not None
-        if not filter_viewed or items_to_recommend is not None or not bulk:
-            return super().generate_candidates(
-                users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets
-            )
-        if not (self.is_fitted_for_train if for_train else self.is_fitted_for_recommend):
-            return super().generate_candidates(
-                users, dataset, filter_viewed, for_train, items_to_recommend, on_unsupported_targets
-            )
+        fitted = self.is_fitted_for_train if for_train else self.is_fitted_for_recommend
+        if not filter_viewed or items_to_recommend is not None or not bulk or not fitted:
+            return super().generate_candidates(users, dataset, filter_viewed, for_train, items_to_recommend, **kwargs)
         users = np.asarray(users)
-        items, scores = topk_items(self.model, dataset, users, self.num_candidates, with_scores=True)
+        items, scores = self._top(users, dataset, for_train)
         keep = items >= 0
         frame = {Columns.User: np.repeat(users, items.shape[1])[keep.ravel()], Columns.Item: items[keep]}
         if self.keep_scores:
@@ -457,10 +463,13 @@ def catboost_curves(ranker: CandidateRankingModel) -> dict[str, list[float]]:
     return curves
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #07ddaf96
-def share_first_stage(ranker: CandidateRankingModel, model: ModelBase, dataset: Dataset) -> CandidateRankingModel:
-    "Recommend with `model`, fitted on `dataset`, as the first stage; the other generators are fitted on `dataset`."
+def share_first_stage(
+    ranker: CandidateRankingModel, model: ModelBase, dataset: Dataset, lists: tuple | None = None
+) -> CandidateRankingModel:
+    "Recommend with `model`, fitted on `dataset`, as the first stage (and its `lists`: sorted users, items, scores)."
     first, *others = ranker.cand_gen_dict.values()
     first.model, first.is_fitted_for_train, first.is_fitted_for_recommend = model, False, True
     for generator in others:
         generator.fit(dataset, for_train=False)
+    first.lists = lists
     return ranker
