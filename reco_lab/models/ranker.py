@@ -111,6 +111,12 @@ def _user_table(inter: pd.DataFrame, now: pd.Series, timeline: _Timeline) -> pd.
     user["user_tenure_days"] = (now.reindex(user.index) - user.pop("user_first")) / 86_400
     return user
 
+# %% ../../nbs/14_catboost_pointwise.ipynb #ef0b96fb
+def _categories(values: pd.Series) -> pd.Series:
+    "`values` as strings (`missing` for none) in a pandas categorical that also knows `missing`."
+    values = values.astype("string").fillna("missing").astype(str)
+    return values.astype(pd.CategoricalDtype(sorted(set(values) | {"missing"})))
+
 # %% ../../nbs/14_catboost_pointwise.ipynb #450d4bd7
 class RankerFeatures(CandidateFeatureCollector):
     "User, item and user-item features for candidate pairs, from the given dataset's interactions up to a reference"
@@ -132,10 +138,10 @@ class RankerFeatures(CandidateFeatureCollector):
         self.per_user_time, self.reference_time = per_user_time, None
         u = users[[Columns.User, *self.user_cat]].drop_duplicates(Columns.User).copy()
         for c in self.user_cat:
-            u[c] = u[c].astype("string").fillna("missing").astype(str)
+            u[c] = _categories(u[c])
         i = items[[Columns.Item, *self.item_cat, *self.item_text]].drop_duplicates(Columns.Item).copy()
         for c in self.item_cat:
-            i[c] = i[c].astype("string").fillna("missing").astype(str)
+            i[c] = _categories(i[c])
         for c in self.item_text:
             tokens = i[c].astype("string").fillna("").str.split(multi_valued[c])
             i[c] = tokens.map(
