@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DAY', 'DEFAULTS', 'NoCandidateRuns', 'choose_first_stage', 'RankerFeatures', 'PositiveUsersSampler',
-           'EvalSetCatBoostReranker', 'FastCandidateGenerator', 'prepare', 'make_ranker', 'search_space', 'fit_fold',
-           'fit_final', 'catboost_curves', 'share_first_stage']
+           'SampledRankingModel', 'EvalSetCatBoostReranker', 'FastCandidateGenerator', 'prepare', 'make_ranker',
+           'search_space', 'fit_fold', 'fit_final', 'catboost_curves', 'share_first_stage']
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #d548bf27
 import reco_lab.core  # noqa: F401
@@ -249,6 +249,18 @@ class PositiveUsersSampler(NegativeSamplerBase):
             train = train[(train[Columns.Target] == 1) | (order <= self.n_negatives)]
         return train.reset_index(drop=True)
 
+# %% ../../nbs/14_catboost_pointwise.ipynb #149d3e8d
+class SampledRankingModel(CandidateRankingModel):
+    "CandidateRankingModel that ranks candidates for at most 4x its sampler's `max_users` label-window users."
+
+    def split_to_history_dataset_and_train_targets(self, dataset: Dataset, splitter) -> tuple:
+        history, targets, info = super().split_to_history_dataset_and_train_targets(dataset, splitter)
+        cap, users = 4 * getattr(self.sampler, "max_users", 0), targets[Columns.User].unique()
+        if 0 < cap < len(users):
+            rng = np.random.default_rng(getattr(self.sampler, "random_state", 0))
+            targets = targets[targets[Columns.User].isin(rng.choice(users, cap, replace=False))]
+        return history, targets, info
+
 # %% ../../nbs/14_catboost_pointwise.ipynb #958cb7ee
 class EvalSetCatBoostReranker(CatBoostReranker):
     "CatBoostReranker that holds out a share of users as CatBoost's eval set (early stopping, per-iteration metrics)."
@@ -424,7 +436,7 @@ def make_ranker(
     )
     label_split = make_splitter(protocol, 1, last_n=p("ranker_last_n"), window=p("ranker_window"))
     sampler = PositiveUsersSampler(max_users=p("max_train_users"), random_state=p("seed"))
-    return CandidateRankingModel(generators, label_split, reranker, sampler=sampler, feature_collector=features)
+    return SampledRankingModel(generators, label_split, reranker, sampler=sampler, feature_collector=features)
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #b76ea0c0
 def search_space(trial, model: str = "ranker") -> dict[str, Any]:
