@@ -171,7 +171,7 @@ class StageTimer:
             self.stages.append(record)
             self.log(f"{name}: {record.seconds:.1f} s, peak RSS {record.peak_rss_gb:.2f} GB {record.notes or ''}")
 
-# %% ../nbs/52_bench.ipynb #ffacb3eb
+# %% ../nbs/52_bench.ipynb #896ac011
 def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -183,8 +183,8 @@ class ScaleParams:
     users: int = _opt(1_000_000, "synthetic users (Kion-shaped: about 5 interactions each)")
     items: int = _opt(15_000, "synthetic items")
     interactions: int = _opt(5_000_000, "synthetic interactions")
-    als_epochs: int = _opt(15, "ALS epochs (64 factors), loss logged to MLflow after each")
-    lightfm_epochs: int = _opt(10, "LightFM epochs (64 components, WARP, user and item features)")
+    als_epochs: int = _opt(5, "ALS epochs (64 factors), loss logged to MLflow after each")
+    lightfm_epochs: int = _opt(5, "LightFM epochs (64 components, WARP, user and item features)")
     lightfm_threads: int = _opt(2, "LightFM's threads")
     ranker_users: int = _opt(10_000, "label-window users the ranker learns from (sampled among those with a positive)")
     ranker_candidates: int = _opt(30, "ALS candidates per user the ranker scores")
@@ -197,7 +197,7 @@ class ScaleParams:
     als_logging_users: int = _opt(100_000, "users of the interleaved bare-vs-tracked ALS repeats (reference stage)")
     service_seconds: float = _opt(5.0, "seconds of load per target and round on the service (0: no service part)")
 
-# %% ../nbs/52_bench.ipynb #c4af8968
+# %% ../nbs/52_bench.ipynb #23c9fbc0
 GOALS = {  # issue 16, judged on the pipeline stages of a run with the default ScaleParams
     "pipeline_min": 12.0,
     "peak_rss_gb": 4.0,
@@ -206,7 +206,7 @@ GOALS = {  # issue 16, judged on the pipeline stages of a run with the default S
     "reco_vs_health_p99": 1.5,
 }
 
-# %% ../nbs/52_bench.ipynb #7c58ddbf
+# %% ../nbs/52_bench.ipynb #625b9539
 def _als_stages(timer: StageTimer, p: ScaleParams, data, train, matrix, uri: str):
     "Bare implicit ALS (reference), reco_lab's tracked ALS (pipeline), interleaved repeats (reference)."
     from implicit.cpu.als import AlternatingLeastSquares
@@ -237,7 +237,7 @@ def _implicit_recommend_all(model, matrix, users_idx: np.ndarray, n: int, batch:
         idx = users_idx[start : start + batch]
         model.recommend(idx, matrix[idx], N=n, filter_already_liked_items=True)
 
-# %% ../nbs/52_bench.ipynb #51818255
+# %% ../nbs/52_bench.ipynb #8dc183ca
 def _candidate_references(timer: StageTimer, bare, als, train, matrix, users: np.ndarray, k: int = 50) -> None:
     "ALS's top `k` for `users` three ways: implicit's batched recommend, rectools' recommend, `topk_items`."
     from reco_lab.experiment import recommend, topk_items
@@ -250,7 +250,7 @@ def _candidate_references(timer: StageTimer, bare, als, train, matrix, users: np
     with timer.stage(f"candidates: reco_lab's topk_items, top {k}, {len(users):,} users", reference=True):
         topk_items(als, train, users, k)
 
-# %% ../nbs/52_bench.ipynb #8edcaf11
+# %% ../nbs/52_bench.ipynb #fc1d6c86
 def _fit_ranker(timer: StageTimer, p: ScaleParams, data, fold, train, als, als_params: dict):
     "The CatBoost ranker on ALS's candidates, sharing the pipeline's fitted ALS for recommending."
     from reco_lab.models.ranker import make_ranker, share_first_stage
@@ -275,7 +275,7 @@ def _fit_ranker(timer: StageTimer, p: ScaleParams, data, fold, train, als, als_p
         st.notes |= {"rows": rows, "iterations": model.tree_count_, "best iteration": model.get_best_iteration()}
     return ranker
 
-# %% ../nbs/52_bench.ipynb #14def019
+# %% ../nbs/52_bench.ipynb #cd929199
 def export_metrics(folder: Path, fold, k: int = 10) -> dict[str, dict[str, float]]:
     "MAP@k and recall@k of every model's exported lists on `fold`'s test users, completed from popular items."
     from rectools import Columns
@@ -301,7 +301,7 @@ def export_metrics(folder: Path, fold, k: int = 10) -> dict[str, dict[str, float
         out[name] = {m: float(METRICS[m].calc(reco, fold.test)) for m in (f"map_at_{k}", f"recall_at_{k}")}
     return out
 
-# %% ../nbs/52_bench.ipynb #414b3918
+# %% ../nbs/52_bench.ipynb #1a6f2f77
 def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: dict, folder: Path) -> Path:
     "The serving export of all five models; ALS is ranked once, for its own lists and the ranker's candidates."
     from rectools import Columns
@@ -323,7 +323,7 @@ def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: 
         st.notes |= {"models": lines, "size MB": round(size / 2**20, 1)}
     return folder
 
-# %% ../nbs/52_bench.ipynb #d4c76e24
+# %% ../nbs/52_bench.ipynb #281b8a74
 def bench_scale(p: ScaleParams | None = None, *, workdir: str | Path | None = None, log=print) -> dict:
     "Every stage of the study on Kion-sized synthetic data, one fold: times, peak RSS, same-run references."
     from rectools import Columns
@@ -379,7 +379,7 @@ def bench_service_scale(folder: Path, seconds: float = 5.0) -> dict:
     bench = bench_service(folder, seconds=seconds, repeats=3, compare=False)
     return {"startup_s": startup_s, "rss_gb_after_start": rss_gb, "summary": bench.summary(), "bench": bench}
 
-# %% ../nbs/52_bench.ipynb #a1d92f62
+# %% ../nbs/52_bench.ipynb #9276bff5
 def _pipeline(r: dict) -> tuple[float, float, float]:
     "Seconds of the pipeline stages, their peak RSS (GB), seconds of the reference stages."
     own = [s for s in r["stages"] if not s.reference]
@@ -417,7 +417,7 @@ def _setup_lines(r: dict) -> list[str]:
         "Parameters: " + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in p.items()) + ".",
     ]
 
-# %% ../nbs/52_bench.ipynb #d1c069a3
+# %% ../nbs/52_bench.ipynb #654c4eb7
 def _goal_lines(r: dict) -> list[str]:
     "The goals with their figures and verdicts."
     total, peak, reference = _pipeline(r)
@@ -444,7 +444,7 @@ def _goal_lines(r: dict) -> list[str]:
     ]
     return lines + _service_goal_lines(r)
 
-# %% ../nbs/52_bench.ipynb #6fb5d111
+# %% ../nbs/52_bench.ipynb #360ff431
 def _service_goal_lines(r: dict) -> list[str]:
     "The service goal: every /reco against /health on this export, req/s and p99, medians over the rounds."
     if r["service"] is None:
@@ -463,7 +463,7 @@ def _service_goal_lines(r: dict) -> list[str]:
         )
     return lines
 
-# %% ../nbs/52_bench.ipynb #e5479439
+# %% ../nbs/52_bench.ipynb #20b5deb6
 def _stage_lines(r: dict) -> list[str]:
     "The stage table, pipeline and reference stages marked, and the slowest pipeline stages."
     total = _pipeline(r)[0]
@@ -482,7 +482,7 @@ def _quality_lines(r: dict) -> list[str]:
     table = pd.DataFrame(r["quality"]).T.rename_axis("model").reset_index()
     return ["## Quality of the exported lists", "", table.round(4).to_markdown(index=False)]
 
-# %% ../nbs/52_bench.ipynb #865669aa
+# %% ../nbs/52_bench.ipynb #7e2104f4
 def format_scale(r: dict) -> str:
     "reports/benchmarks.md from `bench_scale`'s result."
     from reco_lab.service.bench import served_section
@@ -500,7 +500,7 @@ def format_scale(r: dict) -> str:
         ]
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/52_bench.ipynb #88950656
+# %% ../nbs/52_bench.ipynb #8bc032d9
 def _scale_options(p: argparse.ArgumentParser) -> None:
     "The options of `reco-lab bench scale`: the fields of ScaleParams with their help texts, and where to write."
     for f in fields(ScaleParams):
