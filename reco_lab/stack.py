@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 
 import psutil
 from fastcore.basics import patch
+from fastcore.meta import delegates
 
 from .core import answers_ok, console_script, project_root
 
@@ -613,33 +614,13 @@ def configure(
     return stack
 
 # %% ../nbs/50_stack.ipynb #c506d2d0
-def stack_up(
-    folder: str | Path | None = None,
-    *,
-    port: int | None = None,
-    host: str | None = None,
-    s3_endpoint: str | None = None,
-    s3_key: str | None = None,
-    s3_secret: str | None = None,
-    bucket: str | None = None,
-    workers: int | None = None,
-    timeout: float = 240,
-    mlflow: bool = True,
-) -> Stack:
-    "Start (or find running) PostgreSQL, S3 and (unless not `mlflow`) `mlflow server` for the stack in `folder`."
+@delegates(configure)
+def stack_up(folder: str | Path | None = None, *, timeout: float = 240, mlflow: bool = True, **kwargs) -> Stack:
+    "Start (or find running) PostgreSQL, S3 and (unless not `mlflow`) `mlflow server`; `kwargs` go to `configure`."
     folder = Path(folder or stack_dir()).expanduser().resolve()
     with locked(folder):
         stack = Stack.load(folder) or Stack(folder)
-        configure(
-            stack,
-            port=port,
-            host=host,
-            s3_endpoint=s3_endpoint,
-            s3_key=s3_key,
-            s3_secret=s3_secret,
-            bucket=bucket,
-            workers=workers,
-        )
+        configure(stack, **kwargs)
         started = []
         try:
             for name, start, stop in (("postgres", start_postgres, stop_postgres), ("s3", start_s3, stop_s3)):
