@@ -171,7 +171,7 @@ class StageTimer:
             self.stages.append(record)
             self.log(f"{name}: {record.seconds:.1f} s, peak RSS {record.peak_rss_gb:.2f} GB {record.notes or ''}")
 
-# %% ../nbs/52_bench.ipynb #896ac011
+# %% ../nbs/52_bench.ipynb #2de71ac0
 def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -197,7 +197,7 @@ class ScaleParams:
     als_logging_users: int = _opt(100_000, "users of the interleaved bare-vs-tracked ALS repeats (reference stage)")
     service_seconds: float = _opt(5.0, "seconds of load per target and round on the service (0: no service part)")
 
-# %% ../nbs/52_bench.ipynb #23c9fbc0
+# %% ../nbs/52_bench.ipynb #51da9e84
 GOALS = {  # issue 16, judged on the pipeline stages of a run with the default ScaleParams
     "pipeline_min": 12.0,
     "peak_rss_gb": 4.0,
@@ -206,7 +206,7 @@ GOALS = {  # issue 16, judged on the pipeline stages of a run with the default S
     "reco_vs_health_p99": 1.5,
 }
 
-# %% ../nbs/52_bench.ipynb #625b9539
+# %% ../nbs/52_bench.ipynb #a607e057
 def _als_stages(timer: StageTimer, p: ScaleParams, data, train, matrix, uri: str):
     "Bare implicit ALS (reference), reco_lab's tracked ALS (pipeline), interleaved repeats (reference)."
     from implicit.cpu.als import AlternatingLeastSquares
@@ -237,7 +237,7 @@ def _implicit_recommend_all(model, matrix, users_idx: np.ndarray, n: int, batch:
         idx = users_idx[start : start + batch]
         model.recommend(idx, matrix[idx], N=n, filter_already_liked_items=True)
 
-# %% ../nbs/52_bench.ipynb #8dc183ca
+# %% ../nbs/52_bench.ipynb #df5cd4c8
 def _candidate_references(timer: StageTimer, bare, als, train, matrix, users: np.ndarray, k: int = 50) -> None:
     "ALS's top `k` for `users` three ways: implicit's batched recommend, rectools' recommend, `topk_items`."
     from reco_lab.experiment import recommend, topk_items
@@ -250,7 +250,7 @@ def _candidate_references(timer: StageTimer, bare, als, train, matrix, users: np
     with timer.stage(f"candidates: reco_lab's topk_items, top {k}, {len(users):,} users", reference=True):
         topk_items(als, train, users, k)
 
-# %% ../nbs/52_bench.ipynb #fc1d6c86
+# %% ../nbs/52_bench.ipynb #9367b25d
 def _fit_ranker(timer: StageTimer, p: ScaleParams, data, fold, train, als, als_params: dict):
     "The CatBoost ranker on ALS's candidates, sharing the pipeline's fitted ALS for recommending."
     from reco_lab.models.ranker import make_ranker, share_first_stage
@@ -275,7 +275,7 @@ def _fit_ranker(timer: StageTimer, p: ScaleParams, data, fold, train, als, als_p
         st.notes |= {"rows": rows, "iterations": model.tree_count_, "best iteration": model.get_best_iteration()}
     return ranker
 
-# %% ../nbs/52_bench.ipynb #cd929199
+# %% ../nbs/52_bench.ipynb #52fec93c
 def export_metrics(folder: Path, fold, k: int = 10) -> dict[str, dict[str, float]]:
     "MAP@k and recall@k of every model's exported lists on `fold`'s test users, completed from popular items."
     from rectools import Columns
@@ -301,13 +301,13 @@ def export_metrics(folder: Path, fold, k: int = 10) -> dict[str, dict[str, float
         out[name] = {m: float(METRICS[m].calc(reco, fold.test)) for m in (f"map_at_{k}", f"recall_at_{k}")}
     return out
 
-# %% ../nbs/52_bench.ipynb #1a6f2f77
+# %% ../nbs/52_bench.ipynb #d64329a5
 def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: dict, folder: Path) -> Path:
     "The serving export of all five models; ALS is ranked once, for its own lists and the ranker's candidates."
     from rectools import Columns
 
     from reco_lab.experiment import topk_items
-    from reco_lab.models.ranker import share_first_stage
+    from reco_lab.models.ranker import rank_candidates_once, share_first_stage
     from reco_lab.precompute import export_models
 
     with timer.stage(f"export: top {p.depth} of 5 models for all users, ALS's lists shared with the ranker") as st:
@@ -315,6 +315,7 @@ def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: 
         start = time.perf_counter()
         items, scores = topk_items(models["als"], train, users, max(p.depth, p.ranker_candidates), with_scores=True)
         share_first_stage(models["ranker"], models["als"], train, lists=(users, items, scores))
+        rank_candidates_once(models["ranker"], train, users)  # its popular candidates, in one pass
         st.notes["ALS lists"] = f"{time.perf_counter() - start:.1f} s"
         views = {name: (model, fold.train if name == "lightfm" else train) for name, model in models.items()}
         views["als"], lines = items[:, : p.depth], []
@@ -323,7 +324,7 @@ def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: 
         st.notes |= {"models": lines, "size MB": round(size / 2**20, 1)}
     return folder
 
-# %% ../nbs/52_bench.ipynb #281b8a74
+# %% ../nbs/52_bench.ipynb #531cf705
 def bench_scale(p: ScaleParams | None = None, *, workdir: str | Path | None = None, log=print) -> dict:
     "Every stage of the study on Kion-sized synthetic data, one fold: times, peak RSS, same-run references."
     from rectools import Columns
@@ -379,7 +380,7 @@ def bench_service_scale(folder: Path, seconds: float = 5.0) -> dict:
     bench = bench_service(folder, seconds=seconds, repeats=3, compare=False)
     return {"startup_s": startup_s, "rss_gb_after_start": rss_gb, "summary": bench.summary(), "bench": bench}
 
-# %% ../nbs/52_bench.ipynb #9276bff5
+# %% ../nbs/52_bench.ipynb #93bd1edd
 def _pipeline(r: dict) -> tuple[float, float, float]:
     "Seconds of the pipeline stages, their peak RSS (GB), seconds of the reference stages."
     own = [s for s in r["stages"] if not s.reference]
@@ -417,7 +418,7 @@ def _setup_lines(r: dict) -> list[str]:
         "Parameters: " + ", ".join(f"`--{k.replace('_', '-')} {v}`" for k, v in p.items()) + ".",
     ]
 
-# %% ../nbs/52_bench.ipynb #654c4eb7
+# %% ../nbs/52_bench.ipynb #18d69586
 def _goal_lines(r: dict) -> list[str]:
     "The goals with their figures and verdicts."
     total, peak, reference = _pipeline(r)
@@ -444,7 +445,7 @@ def _goal_lines(r: dict) -> list[str]:
     ]
     return lines + _service_goal_lines(r)
 
-# %% ../nbs/52_bench.ipynb #360ff431
+# %% ../nbs/52_bench.ipynb #22083c2d
 def _service_goal_lines(r: dict) -> list[str]:
     "The service goal: every /reco against /health on this export, req/s and p99, medians over the rounds."
     if r["service"] is None:
@@ -463,7 +464,7 @@ def _service_goal_lines(r: dict) -> list[str]:
         )
     return lines
 
-# %% ../nbs/52_bench.ipynb #20b5deb6
+# %% ../nbs/52_bench.ipynb #c632556d
 def _stage_lines(r: dict) -> list[str]:
     "The stage table, pipeline and reference stages marked, and the slowest pipeline stages."
     total = _pipeline(r)[0]
@@ -482,7 +483,7 @@ def _quality_lines(r: dict) -> list[str]:
     table = pd.DataFrame(r["quality"]).T.rename_axis("model").reset_index()
     return ["## Quality of the exported lists", "", table.round(4).to_markdown(index=False)]
 
-# %% ../nbs/52_bench.ipynb #7e2104f4
+# %% ../nbs/52_bench.ipynb #545dbe39
 def format_scale(r: dict) -> str:
     "reports/benchmarks.md from `bench_scale`'s result."
     from reco_lab.service.bench import served_section
@@ -500,7 +501,7 @@ def format_scale(r: dict) -> str:
         ]
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/52_bench.ipynb #8bc032d9
+# %% ../nbs/52_bench.ipynb #1a0466db
 def _scale_options(p: argparse.ArgumentParser) -> None:
     "The options of `reco-lab bench scale`: the fields of ScaleParams with their help texts, and where to write."
     for f in fields(ScaleParams):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DAY', 'DEFAULTS', 'NoCandidateRuns', 'choose_first_stage', 'RankerFeatures', 'PositiveUsersSampler',
            'SampledRankingModel', 'EvalSetCatBoostReranker', 'FastCandidateGenerator', 'prepare', 'make_ranker',
-           'search_space', 'fit_fold', 'fit_final', 'catboost_curves', 'share_first_stage']
+           'search_space', 'fit_fold', 'fit_final', 'catboost_curves', 'share_first_stage', 'rank_candidates_once']
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #d548bf27
 import reco_lab.core  # noqa: F401
@@ -490,4 +490,13 @@ def share_first_stage(
     for generator in others:
         generator.fit(dataset, for_train=False)
     first.lists = lists
+    return ranker
+
+# %% ../../nbs/14_catboost_pointwise.ipynb #6424a690
+def rank_candidates_once(ranker: CandidateRankingModel, dataset: Dataset, users: np.ndarray) -> CandidateRankingModel:
+    "Give each fitted bulk generator without lists its candidates for all `users` (sorted), ranked in one pass."
+    for generator in ranker.cand_gen_dict.values():
+        if isinstance(generator, FastCandidateGenerator) and generator.is_fitted_for_recommend and not generator.lists:
+            found = topk_items(generator.model, dataset, users, generator.num_candidates, with_scores=True)
+            generator.lists = (users, *found)
     return ranker
