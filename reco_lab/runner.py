@@ -6,8 +6,8 @@
 __all__ = ['STUDY', 'PROTOCOL_NOTES', 'FOLDS_NOTE', 'MODELS_NOTE', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only',
            'declared_parameters', 'parameter_type', 'checked_value', 'plan', 'render_html', 'execute_job',
            'attach_notebook', 'Study', 'writable_dir', 'study_dirs', 'study_protocol', 'run_study', 'study_runs',
-           'fold_values', 'leaderboard', 'champion_run_id', 'display_uri', 'reports_folder', 'study_header',
-           'notebook_links', 'write_reports', 'results_markdown', 'comparison_markdown']
+           'fold_values', 'leaderboard', 'champion_run_id', 'with_champion', 'display_uri', 'reports_folder',
+           'study_header', 'notebook_links', 'write_reports', 'results_markdown', 'comparison_markdown']
 
 # %% ../nbs/51_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from .evaluation import MAIN_METRIC, METRICS, K
 from .tracking import REGISTERED_MODEL, SELECTION_METRIC, champion_alias, check_tracking, rank_runs
-from .tracking import search_runs, tracking_uri
+from .tracking import runs_frame, search_runs, tracking_uri
 
 # %% ../nbs/51_runner.ipynb #cc224218
 @dataclass
@@ -360,13 +360,17 @@ def fold_values(run_id: str, metric: str = MAIN_METRIC, uri: str | None = None) 
 def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str | None = None) -> pd.DataFrame:
     "One row per run, best validation MAP@10 first: validation and test MAP@10, per fold, CI vs the champion."
     rows = []
+    own_study = runs["tags.study_id"].mode().iloc[0] if len(runs) > 1 else None
     for _, r in runs.iterrows():
+        champion = " (champion)" if r["run_id"] == champion_run_id else ""
+        if champion and own_study and r["tags.study_id"] != own_study:
+            champion = f" (champion, study {r['tags.study_id']})"
 
         def get(key: str, r: pd.Series = r) -> float:
             return r.get(f"metrics.{key}", float("nan"))
 
         row = {
-            "model": r["tags.model"] + (" (champion)" if r["run_id"] == champion_run_id else ""),
+            "model": r["tags.model"] + champion,
             f"val MAP@{K}": f"{get(SELECTION_METRIC):.4f}",
             f"test MAP@{K}": f"{get(MAIN_METRIC):.4f} ± {get(MAIN_METRIC + '_std'):.4f}",
         }
@@ -402,6 +406,13 @@ def champion_run_id(dataset: str, protocol: str, uri: str | None = None) -> str 
     if version.tags.get("dataset") != dataset or version.tags.get("protocol") != protocol:
         return None
     return version.run_id
+
+# %% ../nbs/51_runner.ipynb #71d68d90
+def with_champion(runs: pd.DataFrame, champion: str | None, uri: str | None = None) -> pd.DataFrame:
+    "A study's runs and, when selection took the champion from another comparable study, the champion's run too."
+    if champion is None or (len(runs) and champion in set(runs["run_id"])):
+        return runs
+    return rank_runs(pd.concat([runs, runs_frame([MlflowClient(uri or tracking_uri()).get_run(champion)])]))
 
 # %% ../nbs/51_runner.ipynb #11ca5e0d
 def display_uri(uri: str) -> str:
@@ -475,7 +486,7 @@ def write_reports(
     champion = champion_run_id(dataset, protocol)
     if study and study.quick and len(runs):  # a quick study's champion is its own best, never registered
         champion = runs.iloc[0]["run_id"]
-    board = leaderboard(runs, champion)
+    board = leaderboard(with_champion(runs, champion), champion)
     lines = [f"# Leaderboard: {dataset}, protocol `{protocol}`", "", *study_header(study, runs, protocol)]
     if folds_table is not None:
         lines += ["## Folds", "", FOLDS_NOTE, "", folds_table.reset_index().to_markdown(index=False), ""]
@@ -542,8 +553,9 @@ def results_markdown(
 def comparison_markdown(before: str | Path, after: str | Path, labels: tuple[str, str] = ("defaults", "tuned")) -> str:
     "Each model's validation and test MAP@10 in two committed leaderboards side by side (e.g. defaults against tuned)."
     frames = [pd.read_csv(Path(d) / "leaderboard.csv", dtype=str).fillna("") for d in (before, after)]
-    for frame in frames:
-        frame["model"] = frame["model"].str.replace(" (champion)", "", regex=False)
+    for k, frame in enumerate(frames):  # each model's best run (the champion's label and study dropped)
+        frame["model"] = frame["model"].str.replace(r" \(champion.*\)$", "", regex=True)
+        frames[k] = frame.drop_duplicates("model")
     val, test = f"val MAP@{K}", f"test MAP@{K}"
     columns = [val, test]
     both = frames[0][["model", *columns]].merge(
