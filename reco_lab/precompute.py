@@ -31,10 +31,21 @@ def seen_csr(data: RecoData, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return indptr, inter[Columns.Item].to_numpy()
 
 # %% ../nbs/21_precompute.ipynb #894dc062
-def _spill(matrix: np.ndarray, path: Path) -> np.ndarray:
-    "Save `matrix` to `path` and give it back memory-mapped."
-    np.save(path, matrix, allow_pickle=False)
-    return np.load(path, mmap_mode="r")
+class _Spilled:
+    "A matrix saved to disk, read back only when asked for (`np.asarray`), so it is not kept in memory meanwhile."
+
+    def __init__(self, path: Path):
+        self.path, self.shape = path, np.load(path, mmap_mode="r").shape
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.load(self.path, allow_pickle=False).astype(dtype or np.int64, copy=False)
+
+
+def _spill(matrix: np.ndarray, path: Path) -> _Spilled:
+    "Save `matrix` (as int32 when its ids fit) to `path`; what `write_export` will read back."
+    small = matrix.size == 0 or (matrix.min() >= -1 and matrix.max() < 2**31)
+    np.save(path, matrix.astype(np.int32) if small else matrix, allow_pickle=False)
+    return _Spilled(path)
 
 # %% ../nbs/21_precompute.ipynb #c2e19290
 def export_models(
@@ -55,9 +66,10 @@ def export_models(
         for name, entry in models.items():
             start = time.perf_counter()
             lists = entry if isinstance(entry, np.ndarray) else topk_items(*entry, users, depth)
+            seconds, found = time.perf_counter() - start, (lists >= 0).sum(axis=1).mean()
             topk[name] = _spill(lists, spill / f"{name}.npy")
-            seconds = time.perf_counter() - start
-            log(f"{name}: {(topk[name] >= 0).sum(axis=1).mean():.1f} items per user on average, {seconds:.1f} s")
+            del lists
+            log(f"{name}: {found:.1f} items per user on average, {seconds:.1f} s")
         popular = data.interactions.groupby(Columns.Item)[Columns.User].nunique()
         meta = {
             "dataset": data.name,
