@@ -96,6 +96,8 @@ bench-serve: $(RUN_STAMP)
 	$(BIN)/reco-lab bench serve
 bench-als: $(RUN_STAMP)
 	$(BIN)/reco-lab bench als-logging --report reports/bench_als_logging.md
+# the whole pipeline at 1M synthetic users with the defaults issue 16's goals are judged on (`reco-lab bench scale
+# --help`, reco_lab.bench.ScaleParams); writes reports/benchmarks.md
 bench-scale: $(RUN_STAMP)
 	$(BIN)/reco-lab bench scale
 
