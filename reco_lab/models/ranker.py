@@ -261,6 +261,18 @@ class SampledRankingModel(CandidateRankingModel):
             targets = targets[targets[Columns.User].isin(rng.choice(users, cap, replace=False))]
         return history, targets, info
 
+# %% ../../nbs/14_catboost_pointwise.ipynb #0cea68d8
+def _rectools_ties(order: np.ndarray, users: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    "`order` (by user, then score) with each user who has tied scores in pandas' descending-quicksort order."
+    grouped, ranked = users[order], scores[order]
+    tied = np.unique(grouped[1:][(grouped[1:] == grouped[:-1]) & (ranked[1:] == ranked[:-1])])
+    starts, ends = np.searchsorted(grouped, tied), np.searchsorted(grouped, tied, side="right")
+    for start, end in zip(starts, ends):
+        rows = np.sort(order[start:end])  # the user's pairs in their original order
+        backwards = np.arange(len(rows))[::-1]  # what DataFrame.sort_values(ascending=False) does
+        order[start:end] = rows[backwards[scores[rows][::-1].argsort(kind="quicksort")][::-1]]
+    return order
+
 # %% ../../nbs/14_catboost_pointwise.ipynb #958cb7ee
 class EvalSetCatBoostReranker(CatBoostReranker):
     "CatBoostReranker that holds out a share of users as CatBoost's eval set (early stopping, per-iteration metrics)."
@@ -297,8 +309,8 @@ class EvalSetCatBoostReranker(CatBoostReranker):
     @classmethod
     def recommend(cls, scored_pairs: pd.DataFrame, k: int, add_rank_col: bool = True) -> pd.DataFrame:
         "Each user's `k` best-scored pairs, users in order of appearance: rectools' result with one sort for all."
-        users = pd.factorize(scored_pairs[Columns.User])[0]
-        order = np.lexsort((-scored_pairs[Columns.Score].to_numpy(), users))
+        users, scores = pd.factorize(scored_pairs[Columns.User])[0], scored_pairs[Columns.Score].to_numpy()
+        order = _rectools_ties(np.lexsort((-scores, users)), users, scores)
         first = np.searchsorted(users[order], users[order])
         rank = np.arange(len(order)) - first
         reco = scored_pairs.iloc[order[rank < k]].reset_index(drop=True)
