@@ -119,9 +119,7 @@ def _categories(values: pd.Series) -> pd.Series:
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #450d4bd7
 class RankerFeatures(CandidateFeatureCollector):
-    "User, item and user-item features for candidate pairs, from the given dataset's interactions up to a reference"
-
-    "time."
+    "User, item and user-item features of candidate pairs, from the dataset's interactions up to a reference time."
 
     def __init__(
         self,
@@ -159,8 +157,7 @@ class RankerFeatures(CandidateFeatureCollector):
         return self.item_text
 
     def reference(self, inter: pd.DataFrame, fold_info: dict | None) -> pd.Series:
-        "Each user's reference time (seconds): the label start or the set cutoff, each user's last interaction, or"
-        "the end of the data."
+        "Each user's reference time (s): the label start or set cutoff, the user's last interaction, or the data's end."
         last = inter.groupby(Columns.User)[Columns.Datetime].max()
         if fold_info and "start" in fold_info:
             now = pd.Timestamp(fold_info["start"])
@@ -230,9 +227,7 @@ class RankerFeatures(CandidateFeatureCollector):
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #77ef88aa
 class PositiveUsersSampler(NegativeSamplerBase):
-    "Every candidate of the users with at least one positive (at most `max_users` of them, `n_negatives` negatives"
-
-    "each)."
+    "Every candidate of the users with a positive (at most `max_users` users, `n_negatives` negatives each)."
 
     def __init__(self, n_negatives: int | None = None, max_users: int = 0, random_state: int = 0):
         self.n_negatives, self.max_users, self.random_state = n_negatives, max_users, random_state
@@ -384,8 +379,7 @@ DEFAULTS = {
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #91604f54
 def prepare(dataset: Dataset, params: dict[str, Any]) -> Dataset:
-    "The ranker sees the data the way its first stage does (a ranker run's params carry `first_stage` and"
-    "`first_stage_params`)."
+    "The data as the ranker's first stage sees it (a ranker run's params carry `first_stage`, `first_stage_params`)."
     from reco_lab.experiment import prepare as prepare_model
 
     name, first_params = _first_stage(params)
@@ -462,8 +456,7 @@ def search_space(trial, model: str = "ranker") -> dict[str, Any]:
 
 # %% ../../nbs/14_catboost_pointwise.ipynb #2bc1ac75
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data: RecoData) -> tuple[CandidateRankingModel, Dataset]:
-    "Fit the two-stage model on `fold.train` (timed), set to recommend as of the fold's cutoff; CatBoost curves of"
-    "validation fits."
+    "Fit the two-stage model on `fold.train` (timed) to recommend as of the fold's cutoff; validation fits' curves."
     first_model, first_params = _first_stage(params)
     train = prepare(fold.train, params)
     ranker = make_ranker(first_model, first_params, data, params["protocol"], params)
