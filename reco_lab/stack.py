@@ -748,17 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "up":
             started = time.monotonic()
-            stack = stack_up(
-                folder,
-                port=args.port,
-                host=args.host,
-                s3_endpoint=args.s3_endpoint,
-                s3_key=args.s3_key,
-                s3_secret=args.s3_secret,
-                bucket=args.bucket,
-                workers=args.workers,
-                timeout=args.timeout,
-            )
+            stack = stack_up(folder, **{k: v for k, v in vars(args).items() if k not in ("dir", "action")})
             print(format_status(stack_status(folder)))
             print(f"# up in {time.monotonic() - started:.1f} s; state in {stack.dir}", file=sys.stderr)
             print(f"export MLFLOW_TRACKING_URI={stack.tracking_uri}")

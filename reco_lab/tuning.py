@@ -237,16 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     from reco_lab.tracking import TrackingUnavailable
 
     try:
-        result = tune(
-            args.model,
-            args.trials,
-            dataset=args.dataset,
-            protocol=args.protocol,
-            n_folds=args.n_folds,
-            quick=args.quick,
-            seed=args.seed,
-            first_stage=args.first_stage,
-        )
+        options = {k: v for k, v in vars(args).items() if k not in ("model", "trials", "save")}
+        result = tune(args.model, args.trials, **options)  # --dataset, --protocol, --n-folds, --quick, --seed, …
     except (DataError, TrackingUnavailable, ValueError) as e:
         print(f"reco-lab tune: {e}", file=sys.stderr)
         return 2
