@@ -22,24 +22,18 @@ def bench_als_logging(
     n_users: int = 100_000, factors: int = 64, epochs: int = 10, repeats: int = 5, seed: int = 0
 ) -> dict:
     "Median seconds of bare implicit ALS vs reco_lab's per-epoch tracked ALS, and their ratio."
-    from implicit.cpu.als import AlternatingLeastSquares
-
     from reco_lab.data import load_data
     from reco_lab.experiment import interactions_only
-    from reco_lab.core import n_threads
-    from reco_lab.models.als import DEFAULTS, fit_epochs, make_model
+    from reco_lab.models.als import fit_epochs, implicit_als, make_model
     from reco_lab.tracking import tracked_run
 
     data = load_data(f"synthetic:{n_users}", seed=seed)
     dataset = interactions_only(data.dataset)
     matrix = dataset.get_user_item_matrix(include_weights=True).astype(np.float32)
-    params = {**DEFAULTS["als"], "factors": factors, "epochs": epochs, "seed": seed}  # the study's ALS otherwise
-    own = {k: params[k] for k in ("factors", "regularization", "alpha")}
+    params = {"factors": factors, "epochs": epochs, "seed": seed}  # the study's ALS otherwise
 
     def bare(loss: bool) -> float:
-        model = AlternatingLeastSquares(
-            **own, iterations=epochs, calculate_training_loss=loss, random_state=seed, num_threads=n_threads()
-        )
+        model = implicit_als(params, loss)
         start = time.perf_counter()
         model.fit(matrix, show_progress=False)
         return time.perf_counter() - start
@@ -205,18 +199,12 @@ GOALS = {  # issue 16, judged on the pipeline stages of a run with the default S
 # %% ../nbs/52_bench.ipynb #69c83943
 def _als_stages(timer: StageTimer, p: ScaleParams, data, train, matrix, uri: str):
     "Bare implicit ALS (reference), reco_lab's tracked ALS (pipeline), interleaved repeats (reference)."
-    from implicit.cpu.als import AlternatingLeastSquares
-
-    from reco_lab.core import n_threads
     from reco_lab.models import als as als_module
     from reco_lab.tracking import tracked_run
 
-    params = {**als_module.DEFAULTS["als"], "epochs": p.als_epochs, "seed": 0}
+    params = {"epochs": p.als_epochs, "seed": 0}
     with timer.stage(f"ALS bare implicit, {p.als_epochs} epochs, loss on", reference=True):
-        own = {k: params[k] for k in ("factors", "regularization", "alpha")}
-        bare = AlternatingLeastSquares(
-            **own, iterations=p.als_epochs, calculate_training_loss=True, random_state=0, num_threads=n_threads()
-        )
+        bare = als_module.implicit_als(params)
         bare.fit(matrix, show_progress=False)
     with tracked_run("als", params, dataset=data.name, protocol="time", uri=uri, experiment="scale") as run:
         with timer.stage(f"ALS: reco_lab, {p.als_epochs} epochs, loss logged per epoch to MLflow"):
