@@ -11,6 +11,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
+LIGHTFM_STAMP := $(VENV)/.installed-lightfm
 RUN_ARGS ?=
 
 .PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
@@ -25,11 +26,19 @@ LOCK := $(wildcard constraints/py$(PYVER).txt)
 PIP_INSTALL := $(BIN)/python -m pip install --quiet $(if $(LOCK),--constraint $(LOCK))
 RUN_EXTRAS := service,registry,stack,profile
 
-$(RUN_STAMP): settings.ini setup.py $(LOCK) | $(BIN)/python
+# LightFM ships as source and its build adds -march=native -ffast-math: a binary for this CPU only, whose training
+# then differs from machine to machine (the study's LightFM numbers did). LIGHTFM_NO_CFLAGS=1 (its own switch)
+# builds it portable; --no-cache-dir keeps pip from reusing a wheel it built the other way before.
+$(LIGHTFM_STAMP): $(LOCK) | $(BIN)/python
+	LIGHTFM_NO_CFLAGS=1 $(PIP_INSTALL) --no-cache-dir --no-binary rectools-lightfm --no-deps --force-reinstall \
+		"rectools-lightfm$(if $(LOCK),,==1.17.3)"
+	touch $@
+
+$(RUN_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
 	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS)]"
 	touch $@
 
-$(DEV_STAMP): settings.ini setup.py $(LOCK) | $(BIN)/python
+$(DEV_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
 	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS),lab,dev]"
 	touch $(RUN_STAMP) $@
 

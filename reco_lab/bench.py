@@ -227,13 +227,13 @@ def _implicit_recommend_all(model, matrix, users_idx: np.ndarray, n: int, batch:
 # %% ../nbs/52_bench.ipynb #80d05113
 def _candidate_references(timer: StageTimer, bare, als, train, matrix, users: np.ndarray, k: int = 50) -> None:
     "ALS's top `k` for `users` three ways: implicit's batched recommend, rectools' recommend, `topk_items`."
-    from reco_lab.experiment import recommend, topk_items
+    from reco_lab.scoring import topk_items
 
     with timer.stage(f"candidates: implicit recommend, top {k}, {len(users):,} users", reference=True):
         _implicit_recommend_all(bare, matrix, train.user_id_map.convert_to_internal(users), k)
     with timer.stage(f"candidates: rectools' recommend, top {k}, {len(users):,} users", reference=True):
         for start in range(0, len(users), 100_000):
-            recommend(als, train, users[start : start + 100_000], k=k)
+            als.recommend(users=users[start : start + 100_000], dataset=train, k=k, filter_viewed=True)
     with timer.stage(f"candidates: reco_lab's topk_items, top {k}, {len(users):,} users", reference=True):
         topk_items(als, train, users, k)
 
@@ -293,7 +293,7 @@ def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: 
     "The serving export of all five models; ALS is ranked once, for its own lists and the ranker's candidates."
     from rectools import Columns
 
-    from reco_lab.experiment import topk_items
+    from reco_lab.scoring import topk_items
     from reco_lab.models.ranker import rank_candidates_once, share_first_stage
     from reco_lab.precompute import export_models
 
@@ -331,7 +331,7 @@ def bench_scale(p: ScaleParams | None = None, *, workdir: str | Path | None = No
         data = make_synthetic(p.users, p.items, p.interactions, seed=0)
         st.notes |= {"interactions": len(data.interactions), "users": int(data.interactions[Columns.User].nunique())}
     with timer.stage("folds: one 7-day window") as st:
-        fold = time_folds(data, "time", 1, validation=False)[0]
+        fold = time_folds(data, "time", 1)[0]
         st.notes |= {"train": len(fold.train_interactions), "test users": len(fold.test_users)}
     train = interactions_only(fold.train)
     matrix = train.get_user_item_matrix(include_weights=True).astype(np.float32)

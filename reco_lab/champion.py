@@ -79,6 +79,7 @@ def register_champion(
         "dataset": run["tags.dataset"],
         "protocol": run["tags.protocol"],
         "split": run["tags.split"],
+        "min_rating": run.get("tags.min_rating", "0"),
         "model": run["tags.model"],
         SELECTION_METRIC: f"{run[f'metrics.{SELECTION_METRIC}']:.6f}",
         MAIN_METRIC: f"{run[f'metrics.{MAIN_METRIC}']:.6f}",

@@ -24,7 +24,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     "Run the study's notebooks through papermill, then write the leaderboard, curves and HTML index."
     from reco_lab.data import parse_dataset
-    from reco_lab.evaluation import fold_summary
+    from reco_lab.evaluation import fold_summary, shared_interactions
     from reco_lab.experiment import setup
     from reco_lab.runner import parse_grid, parse_only, plan, run_study, writable_dir, write_reports
     from reco_lab.tracking import check_tracking
@@ -36,10 +36,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for folder, option in ((args.output_dir, "--output-dir"), (args.reports_dir, "--reports-dir")):
         if folder:
             writable_dir(Path(folder), option)
-    data, protocol, folds = setup(args.dataset, args.protocol, quick=args.quick)
-    folds_table = fold_summary(folds)
+    data, protocol, splits = setup(args.dataset, args.protocol, quick=args.quick, min_rating=args.min_rating)
+    folds_table = fold_summary(splits)
     print(data.summary().to_string(), end="\n\n")
-    print(f"protocol {protocol}, {len(folds)} folds:\n{folds_table.to_string()}", end="\n\n")
+    print(f"protocol {protocol}, {len(splits)} validation and {len(splits)} test folds:\n{folds_table.to_string()}")
+    print(f"(user, item, time) triples shared by validation and test: {shared_interactions(splits)}", end="\n\n")
     study = run_study(
         args.dataset,
         protocol=protocol,
@@ -48,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         reports_dir=args.reports_dir,
         quick=args.quick,
+        min_rating=args.min_rating,
     )
     board = write_reports(study, args.dataset, protocol, folds_table=folds_table)
     print(f"study {study.study_id} finished in {study.seconds / 60:.1f} min: notebooks and HTML in {study.output_dir}")
@@ -62,12 +64,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from reco_lab.experiment import setup
     from reco_lab.runner import write_reports
 
-    _, protocol, folds = setup(args.dataset, args.protocol)
-    print(
-        write_reports(None, args.dataset, protocol, args.reports_dir, folds_table=fold_summary(folds)).read_text(
-            encoding="utf-8"
-        )
+    _, protocol, splits = setup(args.dataset, args.protocol, min_rating=args.min_rating)
+    board = write_reports(
+        None, args.dataset, protocol, args.reports_dir, folds_table=fold_summary(splits), min_rating=args.min_rating
     )
+    print(board.read_text(encoding="utf-8"))
     return 0
 
 # %% ../nbs/53_cli.ipynb #89ce9872
@@ -118,11 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the leaderboard, curves and index go (default: reports/ for a full study, else the output folder)",
     )
     p.add_argument("--quick", action="store_true", help="few epochs and two folds: the whole pipeline in a few minutes")
+    p.add_argument(
+        "--min-rating",
+        type=float,
+        default=0,
+        help="count only held-out interactions rated at least this as relevant (default 0: all; ML-100k only)",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("leaderboard", help="rewrite reports/leaderboard.md from MLflow (the latest full study)")
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--protocol", default="")
     p.add_argument("--reports-dir")
+    p.add_argument("--min-rating", type=float, default=0, help="the study's relevance threshold (as given to run)")
     p.set_defaults(func=cmd_leaderboard)
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -4,13 +4,15 @@
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'METRICS', 'MAIN_METRIC', 'default_protocol', 'NextNSplitter', 'make_splitter', 'Fold', 'split_dataset',
-           'time_folds', 'assert_no_future_leak', 'leak_share', 'fold_summary', 'fold_metrics', 'summarize', 'split_id',
-           'per_user_scores', 'paired_bootstrap']
+           'relevant_only', 'time_folds', 'validation_folds', 'Splits', 'study_splits', 'shared_interactions',
+           'split_frames', 'assert_no_future_leak', 'leak_share', 'fold_summary', 'TableNDCG', 'fold_metrics',
+           'summarize', 'split_id', 'per_user_scores', 'paired_bootstrap']
 
 # %% ../nbs/02_evaluation.ipynb #1d7d9ed2
 import reco_lab.core  # noqa: F401
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,15 +77,14 @@ def make_splitter(
 # %% ../nbs/02_evaluation.ipynb #e41f41f1
 @dataclass
 class Fold:
-    "One train/test split of a dataset, external ids throughout; a test fold carries its validation split."
+    "One train/held-out split of a dataset, external ids throughout: a test fold, or a validation fold."
 
     index: int
     train: Dataset
     train_interactions: pd.DataFrame  # user_id, item_id, weight, datetime
-    test: pd.DataFrame  # user_id, item_id, weight, datetime
+    test: pd.DataFrame  # the held-out interactions: user_id, item_id, weight, datetime
     info: dict
-    role: str = "test"  # "test", or "validation" for the split carved from a test fold's training data
-    validation: "Fold | None" = None
+    role: str = "test"  # "test" (read only to report) or "validation" (what every choice reads)
 
     @property
     def test_users(self) -> np.ndarray:
@@ -108,27 +109,93 @@ def split_dataset(ds: Dataset, splitter: Splitter, role: str = "test") -> list[F
     return folds
 
 # %% ../nbs/02_evaluation.ipynb #39d537a4
-def time_folds(
-    data: RecoData, protocol: str | None = None, n_folds: int = 3, *, validation: bool = True, **splitter_args
-) -> list[Fold]:
-    "The dataset's folds under `protocol`, oldest first, each with its validation split (unless `validation=False`)."
-    protocol = protocol or default_protocol(data)
-    folds = split_dataset(data.dataset, make_splitter(protocol, n_folds, **splitter_args))
+def relevant_only(fold: Fold, data: RecoData, min_rating: float) -> Fold:
+    "`fold` with the held-out interactions rated below `min_rating` dropped (they stay out of training too)."
+    if not min_rating:
+        return fold
+    if "rating" not in data.interactions:
+        raise ValueError(f"{data.name} has no ratings: min_rating={min_rating} cannot say what is relevant")
+    key = [Columns.User, Columns.Item, Columns.Datetime]
+    low = data.interactions.loc[data.interactions["rating"] < min_rating, key]
+    marked = fold.test.merge(low.assign(_low=True), on=key, how="left")
+    fold.test = fold.test[marked["_low"].isna().to_numpy()].reset_index(drop=True)
+    return fold
+
+
+def _check_warm(folds: list[Fold], n_folds: int, what: str) -> list[Fold]:
     if len(folds) < n_folds or any(len(f.test) == 0 for f in folds):
         raise ValueError(
-            f"{data.name}: protocol {protocol!r} left a fold without warm test interactions; "
-            "use fewer folds, another protocol or more data"
+            f"{what} left a fold without warm held-out interactions; use fewer folds, another protocol or more data"
         )
-    for fold in folds if validation else []:
-        inner = split_dataset(fold.train, make_splitter(protocol, 1, **splitter_args), role="validation")
-        if not inner or len(inner[0].test) == 0:
-            raise ValueError(
-                f"{data.name}: protocol {protocol!r} left fold {fold.index} without warm validation "
-                "interactions inside its training data; use fewer folds, another protocol or more data"
-            )
-        fold.validation = inner[0]
-        fold.validation.index = fold.index
     return folds
+
+# %% ../nbs/02_evaluation.ipynb #aad9cb10
+def time_folds(
+    data: RecoData, protocol: str | None = None, n_folds: int = 3, *, min_rating: float = 0, **splitter_args
+) -> list[Fold]:
+    "The dataset's test folds under `protocol`, oldest first (held-out interactions rated below `min_rating` dropped)."
+    protocol = protocol or default_protocol(data)
+    folds = split_dataset(data.dataset, make_splitter(protocol, n_folds, **splitter_args))
+    folds = [relevant_only(f, data, min_rating) for f in folds]
+    return _check_warm(folds, n_folds, f"{data.name}: protocol {protocol!r}")
+
+
+def validation_folds(
+    data: RecoData, first_test: Fold, protocol: str, n_folds: int = 3, *, min_rating: float = 0, **splitter_args
+) -> list[Fold]:
+    "Validation folds carved by `protocol` from `first_test`'s training data: everything before the first test period."
+    folds = split_dataset(first_test.train, make_splitter(protocol, n_folds, **splitter_args), role="validation")
+    folds = [relevant_only(f, data, min_rating) for f in folds]
+    return _check_warm(
+        folds, n_folds, f"{data.name}: protocol {protocol!r}, validation inside test fold 0's training data,"
+    )
+
+# %% ../nbs/02_evaluation.ipynb #e150180f
+@dataclass
+class Splits:
+    "A study's folds under one protocol: the validation folds every choice reads, the test folds only reported."
+
+    protocol: str
+    validation: list[Fold]
+    test: list[Fold]
+    min_rating: float = 0
+
+    def __len__(self) -> int:
+        return len(self.test)
+
+    @property
+    def folds(self) -> list[Fold]:
+        "Validation folds, then test folds."
+        return [*self.validation, *self.test]
+
+
+def study_splits(
+    data: RecoData, protocol: str | None = None, n_folds: int = 3, *, min_rating: float = 0, **splitter_args
+) -> Splits:
+    "The test folds of `protocol` and the validation folds carved before the first of them."
+    protocol = protocol or default_protocol(data)
+    test = time_folds(data, protocol, n_folds, min_rating=min_rating, **splitter_args)
+    validation = validation_folds(data, test[0], protocol, n_folds, min_rating=min_rating, **splitter_args)
+    return Splits(protocol, validation, test, min_rating)
+
+# %% ../nbs/02_evaluation.ipynb #a7ea7b08
+def shared_interactions(splits: Splits) -> int:
+    "(user, item, time) triples both in what validation reads (training, held-out) and in a test fold's held-out part."
+    key = [Columns.User, Columns.Item, Columns.Datetime]
+    read = pd.concat([part[key] for f in splits.validation for part in (f.train_interactions, f.test)])
+    tested = pd.concat([f.test[key] for f in splits.test])
+    return len(read.drop_duplicates().merge(tested.drop_duplicates(), on=key))
+
+# %% ../nbs/02_evaluation.ipynb #4f51bfad
+def split_frames(splits: Splits) -> dict[str, pd.DataFrame]:
+    "The held-out interactions of every split as `<role>_fold_<k>`: user_id, item_id, datetime (raw ids and times)."
+    key = [Columns.User, Columns.Item, Columns.Datetime]
+    return {
+        f"{f.role}_fold_{f.index}": f.test[key]
+        .sort_values([Columns.User, Columns.Datetime, Columns.Item], kind="stable")
+        .reset_index(drop=True)
+        for f in splits.folds
+    }
 
 # %% ../nbs/02_evaluation.ipynb #2adffe36
 def assert_no_future_leak(fold: Fold) -> None:
@@ -155,29 +222,39 @@ def leak_share(fold: Fold) -> float:
     return float(np.mean(later / len(times)))
 
 # %% ../nbs/02_evaluation.ipynb #ef08eee4
-def fold_summary(folds: list[Fold]) -> pd.DataFrame:
-    "One row per fold: cutoff, sizes of train, test and validation, and the leak share of test and validation."
-    rows = []
-    for f in folds:
-        v = f.validation
-        rows.append(
-            {
-                "fold": f.index,
-                "cutoff": f.info.get("start", "per user"),
-                "train": len(f.train_interactions),
-                "test users": len(f.test_users),
-                "test interactions": len(f.test),
-                "validation users": len(v.test_users) if v else 0,
-                "leak share": round(leak_share(f), 3),
-                "validation leak share": round(leak_share(v), 3) if v else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows).set_index("fold")
+def fold_summary(splits: Splits) -> pd.DataFrame:
+    "One row per validation and test fold: cutoff, training size, held-out users and interactions, leak share."
+    rows = [
+        {
+            "role": f.role,
+            "fold": f.index,
+            "cutoff": str(f.info["start"]) if "start" in f.info else "per user",
+            "train": len(f.train_interactions),
+            "users": len(f.test_users),
+            "held out": len(f.test),
+            "leak share": round(leak_share(f), 3),
+        }
+        for f in splits.folds
+    ]
+    return pd.DataFrame(rows).set_index(["role", "fold"])
 
 # %% ../nbs/02_evaluation.ipynb #3647a47a
+class TableNDCG(NDCG):
+    "rectools' NDCG (log base 2, IDCG of a full list of k), discounts from a k-entry table: the same bits on every CPU."
+
+    def calc_per_user_from_merged(self, merged: pd.DataFrame, is_debiased: bool = False) -> pd.Series:
+        if self.divide_by_achievable or self.log_base != 2 or (self.debias_config is not None and not is_debiased):
+            return super().calc_per_user_from_merged(merged, is_debiased)
+        table = np.array([0.0] + [1 / math.log2(rank + 1) for rank in range(1, self.k + 1)])
+        ranks = merged[Columns.Rank].to_numpy(dtype=float)
+        within = ~np.isnan(ranks) & (ranks <= self.k)
+        gains = table[np.where(within, ranks, 0).astype(np.int64)] / math.fsum(table)
+        return pd.Series(gains, index=merged[Columns.User].to_numpy()).groupby(level=0, sort=False).sum()
+
+
 METRICS = {
     f"map_at_{K}": MAP(k=K),
-    f"ndcg_at_{K}": NDCG(k=K),
+    f"ndcg_at_{K}": TableNDCG(k=K),
     f"precision_at_{K}": Precision(k=K),
     f"recall_at_{K}": Recall(k=K),
     f"novelty_at_{K}": MeanInvUserFreq(k=K),
@@ -206,14 +283,13 @@ def summarize(per_fold: list[dict[str, float]]) -> pd.DataFrame:
     return pd.concat([table, table.agg(["mean", "std"]).fillna(0.0)])
 
 # %% ../nbs/02_evaluation.ipynb #3d2da640
-def split_id(folds: list[Fold]) -> str:
-    "A 16-hex-digit digest of the folds and their validation splits: runs are comparable when it is equal."
+def split_id(splits: Splits) -> str:
+    "A 16-hex-digit digest of the validation and test folds: runs are comparable when it is equal."
     h = hashlib.sha256()
-    for fold in folds:
-        for part in filter(None, (fold, fold.validation)):
-            h.update(f"{part.role}:{part.index}:{len(part.train_interactions)};".encode())
-            frame = part.test[[Columns.User, Columns.Item, Columns.Datetime]]
-            h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    for part in splits.folds:
+        h.update(f"{part.role}:{part.index}:{len(part.train_interactions)};".encode())
+        frame = part.test[[Columns.User, Columns.Item, Columns.Datetime]]
+        h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]
 
 # %% ../nbs/02_evaluation.ipynb #06a0544d

@@ -19,7 +19,8 @@ from rectools import Columns
 from rectools.models.base import ModelBase
 
 from .data import RecoData, load_data
-from .experiment import data_checksum, make_model, prepare, topk_items
+from .experiment import data_checksum, make_model, prepare
+from .scoring import popular_items, topk_items
 from .export import write_export
 
 # %% ../nbs/21_precompute.ipynb #2bc8f967
@@ -70,15 +71,14 @@ def export_models(
             topk[name] = _spill(lists, spill / f"{name}.npy")
             del lists
             log(f"{name}: {found:.1f} items per user on average, {seconds:.1f} s")
-        popular = data.interactions.groupby(Columns.Item)[Columns.User].nunique()
         meta = {
             "dataset": data.name,
             "data_checksum": data_checksum(data),
             "n_items": int(data.interactions[Columns.Item].nunique()),
             **(meta or {}),
         }
-        # the whole catalogue by popularity: whatever a user has seen, the fallback can still fill k items
-        popular = popular.sort_values(ascending=False, kind="stable").index.to_numpy()
+        # the whole catalogue by popularity (ties by id): whatever a user has seen, the fallback can still fill k
+        popular = popular_items(data.interactions)
         return write_export(folder, users=users, topk=topk, seen=seen_csr(data, users), popular=popular, meta=meta)
     finally:
         shutil.rmtree(spill, ignore_errors=True)

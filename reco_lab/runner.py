@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 
 from .evaluation import MAIN_METRIC, METRICS, K
 from .tracking import REGISTERED_MODEL, SELECTION_METRIC, champion_alias, check_tracking, rank_runs
-from .tracking import runs_frame, search_runs, tracking_uri
+from .tracking import runs_frame, search_runs, study_variant, tracking_uri
 
 # %% ../nbs/51_runner.ipynb #cc224218
 @dataclass
@@ -231,6 +231,7 @@ class Study:
     seconds: float
     quick: bool = False
     full: bool = True  # the whole study, not quick: the only kind that writes the committed reports
+    min_rating: float = 0  # what counted as relevant (0: every interaction)
 
 # %% ../nbs/51_runner.ipynb #1193ceab
 def writable_dir(path: Path, what: str) -> Path:
@@ -252,6 +253,7 @@ def study_dirs(
     full: bool,
     output_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
+    min_rating: float = 0,
 ) -> tuple[Path, Path]:
     "(output folder, reports folder): only a full study without explicit folders writes the committed reports/."
     out = Path(output_dir) if output_dir else project_root() / "reports" / "runs" / study_id
@@ -260,7 +262,7 @@ def study_dirs(
     elif output_dir or not full:
         reports = out
     else:
-        reports = project_root() / "reports" / ("" if protocol == default else protocol)
+        reports = project_root() / "reports" / study_variant(protocol, default, min_rating)
     return out, reports
 
 # %% ../nbs/51_runner.ipynb #f3c951e2
@@ -285,6 +287,7 @@ def run_study(
     output_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
     quick: bool = False,
+    min_rating: float = 0,
     extra: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Study:
@@ -295,17 +298,25 @@ def run_study(
     study_id = datetime.now().strftime("%Y%m%d-%H%M%S")
     full = not (quick or only or grid)
     out, reports = study_dirs(
-        study_id, protocol=protocol, default=default, full=full, output_dir=output_dir, reports_dir=reports_dir
+        study_id,
+        protocol=protocol,
+        default=default,
+        full=full,
+        output_dir=output_dir,
+        reports_dir=reports_dir,
+        min_rating=min_rating,
     )
     writable_dir(out, "--output-dir")
     writable_dir(reports, "--reports-dir")
-    common = {"dataset": dataset, "protocol": protocol, "quick": bool(quick), "study_id": study_id, **(extra or {})}
-    if (quick or protocol != default) and not os.environ.get("RECO_LAB_MODELS_DIR"):
-        # models/ (what the service serves) is the default protocol's full champion's;
+    common = {"dataset": dataset, "protocol": protocol, "quick": bool(quick), "study_id": study_id}
+    common |= {"min_rating": min_rating, **(extra or {})}
+    if (quick or study_variant(protocol, default, min_rating)) and not os.environ.get("RECO_LAB_MODELS_DIR"):
+        # models/ (what the service serves) is the headline study's full champion's;
         # the other studies export beside their notebooks
         common.setdefault("models_dir", str(out / "models"))
     log(
-        f"study {study_id}: {len(jobs)} notebooks on {dataset} ({protocol}{', quick' if quick else ''}), "
+        f"study {study_id}: {len(jobs)} notebooks on {dataset} ({protocol}{', quick' if quick else ''}"
+        f"{f', relevant: rating >= {min_rating:g}' if min_rating else ''}), "
         f"tracking {client.tracking_uri}, output {out}, reports {reports}"
     )
     start, done = time.perf_counter(), []
@@ -318,7 +329,8 @@ def run_study(
         # every number a run holds links to the notebook that produced it; the champion's logs intervals to all runs
         attach_notebook(done[-1].with_suffix(".html"), study_id, None if job.name == "champion" else job.notebook)
         log(f"[{i}/{len(jobs)}] {job.label} done in {time.perf_counter() - t0:.0f} s")
-    return Study(study_id, dataset, protocol, out, reports, done, time.perf_counter() - start, quick, full)
+    seconds = time.perf_counter() - start
+    return Study(study_id, dataset, protocol, out, reports, done, seconds, quick, full, min_rating)
 
 # %% ../nbs/51_runner.ipynb #6394034e
 PROTOCOL_NOTES = {
@@ -332,14 +344,20 @@ PROTOCOL_NOTES = {
 
 # %% ../nbs/51_runner.ipynb #3a6acd30
 def study_runs(
-    study_id: str | None = None, *, dataset: str | None = None, protocol: str | None = None, uri: str | None = None
+    study_id: str | None = None,
+    *,
+    dataset: str | None = None,
+    protocol: str | None = None,
+    min_rating: float | None = None,
+    uri: str | None = None,
 ) -> pd.DataFrame:
     "Finished candidate and ranker runs of one study (default: the latest full study), best validation score first."
-    frames = [
-        f
-        for f in (search_runs(kind, dataset=dataset, protocol=protocol, uri=uri) for kind in ("candidates", "ranker"))
-        if len(f)
-    ]
+    relevance = None if min_rating is None else f"{min_rating:g}"
+    found = (
+        search_runs(kind, dataset=dataset, protocol=protocol, min_rating=relevance, uri=uri)
+        for kind in ("candidates", "ranker")
+    )
+    frames = [f for f in found if len(f)]
     runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if runs.empty or "tags.study_id" not in runs:
         return runs
@@ -392,18 +410,19 @@ def leaderboard(runs: pd.DataFrame, champion_run_id: str | None = None, uri: str
     return pd.DataFrame(rows)
 
 # %% ../nbs/51_runner.ipynb #1fcb6e35
-def champion_run_id(dataset: str, protocol: str, uri: str | None = None) -> str | None:
-    "Run id behind the registry alias of `dataset` and `protocol` (`reco_lab@champion` for the default), if registered."
+def champion_run_id(dataset: str, protocol: str, uri: str | None = None, min_rating: float = 0) -> str | None:
+    "Run id behind the registry alias of a study (`reco_lab@champion` for the headline one), if registered."
     from reco_lab.evaluation import default_protocol
 
     client = MlflowClient(uri or tracking_uri())
     try:
         version = client.get_model_version_by_alias(
-            REGISTERED_MODEL, champion_alias(protocol, default_protocol(dataset))
+            REGISTERED_MODEL, champion_alias(protocol, default_protocol(dataset), min_rating)
         )
     except MlflowException:
         return None
-    if version.tags.get("dataset") != dataset or version.tags.get("protocol") != protocol:
+    tagged = (version.tags.get("dataset"), version.tags.get("protocol"), version.tags.get("min_rating", "0"))
+    if tagged != (dataset, protocol, f"{min_rating:g}"):
         return None
     return version.run_id
 
@@ -425,12 +444,14 @@ def display_uri(uri: str) -> str:
 
 # %% ../nbs/51_runner.ipynb #1fe98e80
 FOLDS_NOTE = (
-    "Each fold's test, and the validation split carved from its training data the same way; leak share: for "
-    "each test user, the share of training interactions later than the user's first test interaction, "
-    "averaged over the users."
+    "The test folds are the protocol's last periods; the validation folds, which every choice reads, are carved "
+    "the same way from what precedes the first test period (test fold 0's training data), so no validation "
+    "interaction, nor any it trains on, is in a test fold. Users: the users scored; held out: their relevant "
+    "interactions. Leak share: for each scored user, the share of training interactions later than the user's "
+    "first held-out interaction, averaged over the users."
 )
 MODELS_NOTE = (
-    "Ordered by validation MAP@10 (mean over the folds' validation splits), which chose the champion; the "
+    "Ordered by validation MAP@10 (mean over the validation folds), which chose the champion; the "
     "test scores were not read to choose. Test MAP@10: mean ± std over the folds, then each fold. Δ vs "
     "champion: the test MAP@10 difference to the champion with its paired per-user bootstrap 95% interval "
     "(users resampled within each fold); an interval containing 0 cannot tell the two apart. Fit time is "
@@ -438,16 +459,18 @@ MODELS_NOTE = (
 )
 
 
-def reports_folder(study: Study | None, dataset: str, protocol: str, reports_dir: str | Path | None) -> Path:
-    "Where the reports go: `reports_dir`, the study's own folder, or the committed reports/ (reports/<protocol>/)."
+def reports_folder(
+    study: Study | None, dataset: str, protocol: str, reports_dir: str | Path | None, min_rating: float = 0
+) -> Path:
+    "Where the reports go: `reports_dir`, the study's own folder, or the committed reports/ (reports/<variant>/)."
     from reco_lab.evaluation import default_protocol
 
     if reports_dir or study:
         return Path(reports_dir or study.reports_dir)
-    return project_root() / "reports" / ("" if protocol == default_protocol(dataset) else protocol)
+    return project_root() / "reports" / study_variant(protocol, default_protocol(dataset), min_rating)
 
 # %% ../nbs/51_runner.ipynb #45773863
-def study_header(study: Study | None, runs: pd.DataFrame, protocol: str) -> list[str]:
+def study_header(study: Study | None, runs: pd.DataFrame, protocol: str, min_rating: float = 0) -> list[str]:
     "The leaderboard's first lines: which study, which store, what the protocol guarantees."
     where = f"tracking store `{display_uri(tracking_uri())}`"
     if study:
@@ -455,7 +478,13 @@ def study_header(study: Study | None, runs: pd.DataFrame, protocol: str) -> list
         lines = [f"{kind} `{study.study_id}` ({study.seconds / 60:.1f} min), {where}.", ""]
     else:
         lines = [f"Study `{runs.iloc[0]['tags.study_id']}`, {where}.", ""] if len(runs) else []
-    return lines + [f"**Protocol `{protocol}`**: {PROTOCOL_NOTES.get(protocol, '')}.", ""]
+    relevance = (
+        f"**Relevant**: held-out interactions rated at least {min_rating:g}; the others are not scored "
+        "(and stay out of training)."
+        if min_rating
+        else "**Relevant**: every held-out interaction, whatever its rating."
+    )
+    return lines + [f"**Protocol `{protocol}`**: {PROTOCOL_NOTES.get(protocol, '')}.", "", relevance, ""]
 
 # %% ../nbs/51_runner.ipynb #cebe2d2c
 def notebook_links(study: Study | None, reports: Path) -> list[str]:
@@ -475,19 +504,21 @@ def write_reports(
     protocol: str = "",
     reports_dir: str | Path | None = None,
     folds_table: pd.DataFrame | None = None,
+    min_rating: float | None = None,
 ) -> Path:
     "Write leaderboard.md/.csv, als_curves.png, html/ and index.html for a study (or the latest full one)."
     from reco_lab.evaluation import default_protocol
 
     protocol = protocol or (study.protocol if study else default_protocol(dataset))
-    reports = reports_folder(study, dataset, protocol, reports_dir)
+    min_rating = (study.min_rating if study else 0) if min_rating is None else min_rating
+    reports = reports_folder(study, dataset, protocol, reports_dir, min_rating)
     reports.mkdir(parents=True, exist_ok=True)
-    runs = study_runs(study.study_id if study else None, dataset=dataset, protocol=protocol)
-    champion = champion_run_id(dataset, protocol)
+    runs = study_runs(study.study_id if study else None, dataset=dataset, protocol=protocol, min_rating=min_rating)
+    champion = champion_run_id(dataset, protocol, min_rating=min_rating)
     if study and study.quick and len(runs):  # a quick study's champion is its own best, never registered
         champion = runs.iloc[0]["run_id"]
     board = leaderboard(with_champion(runs, champion), champion)
-    lines = [f"# Leaderboard: {dataset}, protocol `{protocol}`", "", *study_header(study, runs, protocol)]
+    lines = [f"# Leaderboard: {dataset}, protocol `{protocol}`", "", *study_header(study, runs, protocol, min_rating)]
     if folds_table is not None:
         lines += ["## Folds", "", FOLDS_NOTE, "", folds_table.reset_index().to_markdown(index=False), ""]
     lines += [

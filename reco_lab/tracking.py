@@ -6,7 +6,7 @@
 __all__ = ['EXPERIMENTS', 'BATCH', 'SELECTION_METRIC', 'REGISTERED_MODEL', 'CHAMPION_ALIAS', 'TrackingUnavailable', 'local_store',
            'tracking_uri', 'experiment_name', 'check_tracking', 'get_experiment_id', 'run_name', 'git_state',
            'source_tags', 'EpochLogger', 'mean_and_std', 'Run', 'run_tags', 'tracked_run', 'runs_frame', 'search_runs',
-           'champion_alias', 'comparable_runs', 'rank_runs']
+           'study_variant', 'champion_alias', 'comparable_runs', 'rank_runs']
 
 # %% ../nbs/03_tracking.ipynb #42711f7e
 import reco_lab.core  # noqa: F401
@@ -341,9 +341,18 @@ REGISTERED_MODEL = "reco_lab"  # the MLflow Model Registry entry of the served c
 CHAMPION_ALIAS = "champion"
 
 
-def champion_alias(protocol: str, default_protocol: str) -> str:
-    "The registry alias of a protocol's champion: `champion` for the default protocol, else `champion_<protocol>`."
-    return CHAMPION_ALIAS if protocol == default_protocol else f"{CHAMPION_ALIAS}_{protocol}"
+def study_variant(protocol: str, default_protocol: str, min_rating: float = 0) -> str:
+    "What sets a study apart from the dataset's headline one: empty, `next_n`, `last_n_min_rating_4`, ..."
+    relevance = f"min_rating_{min_rating:g}" if min_rating else ""
+    if protocol == default_protocol:
+        return relevance
+    return f"{protocol}_{relevance}" if relevance else protocol
+
+
+def champion_alias(protocol: str, default_protocol: str, min_rating: float = 0) -> str:
+    "The registry alias of a study's champion: `champion` for the headline study, else `champion_<variant>`."
+    variant = study_variant(protocol, default_protocol, min_rating)
+    return f"{CHAMPION_ALIAS}_{variant}" if variant else CHAMPION_ALIAS
 
 # %% ../nbs/03_tracking.ipynb #ddad2f21
 def comparable_runs(

@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from .data import RecoData
-from .evaluation import Fold, split_id
+from .evaluation import Splits, split_id
 from reco_lab.experiment import (
     config_path,
     evaluate_folds,
@@ -88,14 +88,14 @@ class Search:
     name: str
     base: dict[str, Any]
     data: RecoData
-    folds: list[Fold]
+    splits: Splits
     parent: Run
     run_args: dict[str, Any]  # tracked_run's dataset, protocol, experiment, study_id, quick, notebook, uri
     quick: bool = False
 
     @property
     def split(self) -> str:
-        return split_id(self.folds)
+        return split_id(self.splits)
 
 # %% ../nbs/15_tuning.ipynb #02b889a3
 def run_trial(search: Search, trial: optuna.Trial) -> float:
@@ -106,7 +106,7 @@ def run_trial(search: Search, trial: optuna.Trial) -> float:
     tags = {"split": search.split, "tuning": "trial", "trial": str(trial.number)}
     with tracked_run(search.name, params, tags=tags, parent_run_id=search.parent.run_id, **search.run_args) as child:
         fit = lambda fold, run: fit_fold(search.name, params, fold, run, search.data)  # noqa: E731
-        table = evaluate_folds(child, search.folds, fit, test=False)
+        table = evaluate_folds(child, search.splits, fit, test=False)
     value = float(table.loc["mean", SELECTION_METRIC])
     search.parent.curves.log(f"{SELECTION_METRIC}_by_trial", value, trial.number)
     return value
@@ -144,15 +144,15 @@ def tune(
         raise ValueError(f"cannot tune {name!r}: tunable models are {', '.join(TUNABLE)}")
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
-    data, protocol, folds = setup(dataset, protocol, n_folds, quick, seed)
+    data, protocol, splits = setup(dataset, protocol, n_folds, quick, seed)
     base = base_params(name, dataset, protocol, seed, first_stage)
     run_args = {"dataset": data.name, "protocol": protocol, "study_id": study_id, "quick": quick, "uri": uri}
     run_args |= {"experiment": "tuning", "notebook": "15_tuning.ipynb"}
-    setting = search_setting(trials, seed, len(folds), base)
+    setting = search_setting(trials, seed, len(splits), base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    with tracked_run(name, setting, tags={"split": split_id(folds), "tuning": "search"}, **run_args) as parent:
-        search = Search(name, base, data, folds, parent, run_args, quick)
+    with tracked_run(name, setting, tags={"split": split_id(splits), "tuning": "search"}, **run_args) as parent:
+        search = Search(name, base, data, splits, parent, run_args, quick)
 
         def objective(trial: optuna.Trial) -> float:
             value = run_trial(search, trial)
