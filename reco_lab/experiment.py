@@ -187,7 +187,7 @@ def served_lists(model: ModelBase, dataset: Dataset, fold: Fold, k: int = K) -> 
 
 # %% ../nbs/05_experiment.ipynb #72b97255
 def score(model: ModelBase, dataset: Dataset, fold: Fold, metric: str = MAIN_METRIC) -> float:
-    "One metric of the served lists on `fold` (for learning curves on a validation split)."
+    "One metric of the served lists on `fold` (for learning curves on a validation fold)."
     return float(METRICS[metric].calc(served_lists(model, dataset, fold), fold.test))
 
 # %% ../nbs/05_experiment.ipynb #2a0df11d

@@ -570,10 +570,9 @@ def results_markdown(
         "Δ vs champion [95% CI]",
         f"ndcg@{K}",
         f"recall@{K}",
-        "fit s / fold",
     ),
 ) -> str:
-    "The results table of a committed `leaderboard.csv` as markdown (the README's results)."
+    "The results table of a committed `leaderboard.csv` as markdown (the README's: quality numbers only, no timings)."
     path = Path(reports_dir or project_root() / "reports") / "leaderboard.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the full study (make run) first")

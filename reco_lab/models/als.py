@@ -84,7 +84,7 @@ def fit_epochs(
 
 # %% ../../nbs/11_als_epochs.ipynb #7d25b149
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[ImplicitALSWrapperModel, Dataset]:
-    "Fit on `fold.train` (timed); on a validation split, log `loss_fold_<k>` and `val_map_at_10_fold_<k>` curves."
+    "Fit on `fold.train` (timed); on a validation fold, log `loss_fold_<k>` and `val_map_at_10_fold_<k>` curves."
     train, model = interactions_only(fold.train), make_model(params)
     epochs, eval_every = param(params, "epochs", DEFAULTS["als"]["epochs"]), param(params, "eval_every", 0)
     curves = eval_curve(run, fold, model, train, eval_every)

@@ -84,7 +84,7 @@ def fit_epochs(
 
 # %% ../../nbs/12_lightfm.ipynb #9ab7a279
 def fit_fold(params: dict[str, Any], fold: Fold, run: Run, data=None) -> tuple[LightFMWrapperModel, Dataset]:
-    "Fit on `fold.train` epoch by epoch (timed); on a validation split, log the `val_map_at_10_fold_<k>` curve."
+    "Fit on `fold.train` epoch by epoch (timed); on a validation fold, log the `val_map_at_10_fold_<k>` curve."
     train, model = prepare(fold.train, params), make_model(params)
     epochs, eval_every = param(params, "epochs", DEFAULTS["lightfm"]["epochs"]), param(params, "eval_every", 0)
     curve = eval_curve(run, fold, model, train, eval_every)
