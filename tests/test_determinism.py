@@ -80,7 +80,7 @@ def test_every_models_per_user_scores_are_identical(studies):
 
 
 def test_the_exports_are_identical_file_by_file(studies):
-    one, two = (studies[n] / "out" / "models" for n in SETTINGS)
+    one, two = (studies[n] / "models" for n in SETTINGS)
     files = sorted(p.relative_to(one) for p in one.rglob("*.npy"))
     assert {f.parts[0] for f in files if len(f.parts) > 1} == set(MODELS)
     for rel in files:
