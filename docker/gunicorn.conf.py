@@ -9,11 +9,13 @@ completes, the concurrency limit answered with a JSON 503, and the parser chosen
 
 import os
 
+from pydantic import ValidationError
 from uvicorn.workers import UvicornWorker
 
-from reco_lab.service.logging import log_config
+from reco_lab.service.errors import share_sentry_budget
+from reco_lab.service.logging import SentryConfigError, check_sentry_dsn, log_config
 from reco_lab.service.server import Limits, uvicorn_options
-from reco_lab.service.settings import Settings
+from reco_lab.service.settings import Settings, settings_problem
 
 
 def _env_int(name: str, default: int) -> int:
@@ -22,6 +24,17 @@ def _env_int(name: str, default: int) -> int:
         return int(value) if value else default
     except ValueError:
         raise SystemExit(f"gunicorn.conf.py: environment variable {name}={value!r} is not an integer") from None
+
+
+# checked here, in the master: a wrong value stops gunicorn with one line instead of failing every worker's boot
+try:
+    Settings()
+    check_sentry_dsn()
+except ValidationError as e:
+    raise SystemExit(f"gunicorn.conf.py: invalid settings: {settings_problem(e)}") from None
+except SentryConfigError as e:
+    raise SystemExit(f"gunicorn.conf.py: {e}") from None
+share_sentry_budget()  # one Sentry budget (RECO_LAB_SENTRY_EVENTS_PER_MINUTE) for all the workers forked from here
 
 
 class ServiceWorker(UvicornWorker):

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MAX_USER_ID', 'bearer', 'logger', 'recommend', 'check_token', 'served_export', 'lifespan', 'RecoResponse',
-           'ModelsResponse', 'add_routes', 'create_app', 'serve_parser', 'main']
+           'ModelsResponse', 'add_routes', 'create_app', 'serve_parser', 'demo_export_target', 'main']
 
 # %% ../../nbs/34_service.ipynb #d4abbc54
 import reco_lab.core  # noqa: F401
@@ -13,6 +13,7 @@ import argparse
 import logging
 import secrets
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 import sentry_sdk
@@ -24,9 +25,9 @@ from .. import __version__
 from ..export import Export, ExportError, load_export
 from .errors import ERROR_RESPONSES, SentryReporter, StartupFailed, add_error_handlers, request_info
 from .errors import EmulatedFailure, ModelNotFound, NotAuthorized, UserNotFound
-from .logging import AccessLog, configure_logging, init_sentry, log_config
+from .logging import AccessLog, SentryConfigError, configure_logging, init_sentry, log_config
 from .server import uvicorn_options
-from .settings import FAILING_MULTIPLE, Settings
+from .settings import FAILING_MULTIPLE, Settings, settings_problem
 
 # %% ../../nbs/34_service.ipynb #22ad50ee
 MAX_USER_ID = 10**9
@@ -140,7 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     "The ASGI app for `settings` (default: from the environment); the export loads at start-up, not here."
     settings = settings or Settings()
     token = settings.api_token
-    init_sentry(secrets=(token.get_secret_value(),) if token else (), asgi=settings.sentry_asgi)
+    secrets = (token.get_secret_value(),) if token else ()
+    init_sentry(secrets, asgi=settings.sentry_asgi, client_address=settings.sentry_client_address)
     app = FastAPI(
         title="reco_lab",
         version=__version__,
@@ -153,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
-    add_error_handlers(app, SentryReporter(settings.sentry_events_per_minute))
+    add_error_handlers(app, SentryReporter(settings.sentry_events_per_minute, settings.sentry_client_address))
     app.add_middleware(AccessLog)
     return add_routes(app, [Depends(check_token)] if token else [])  # no token, no dependency to solve per request
 
@@ -188,6 +190,17 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../../nbs/34_service.ipynb #0d5f14f8
+def demo_export_target(path: str) -> Path:
+    "`path` for `--write-demo-export`, if it is new, an empty folder or an export; ValueError saying why not."
+    target = Path(path)
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / "manifest.json").exists())):
+        kind = "a folder that is not an export" if target.is_dir() else "not a folder"
+        raise ValueError(f"{target} exists and is {kind}; it would be replaced: give a new folder or an export")
+    if not target.parent.is_dir() and target.parent.exists():
+        raise ValueError(f"{target.parent} is not a folder")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab serve`: run the service with uvicorn until interrupted."
     import uvicorn
@@ -197,16 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_demo_export:
         from reco_lab.precompute import build_demo_export
 
-        print(build_demo_export(args.write_demo_export, args.dataset))
+        try:
+            print(build_demo_export(demo_export_target(args.write_demo_export), args.dataset))
+        except (ValueError, OSError) as e:
+            print(f"reco-lab serve --write-demo-export: {e}")
+            return 2
         return 0
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("write_demo_export", "dataset")}
     try:
         settings = Settings(**overrides)
         options = uvicorn_options(settings)
-    except (ValidationError, RuntimeError) as e:
+        app = create_app(settings)
+    except ValidationError as e:
+        print(f"reco-lab serve: invalid settings: {settings_problem(e)}")
+        return 2
+    except (RuntimeError, SentryConfigError) as e:
         print(f"reco-lab serve: invalid settings: {e}")
         return 2
     log = log_config(settings.log_level)
     server = {"host": settings.host, "port": settings.port, "lifespan": "on", "reload": False, "workers": 1}
-    uvicorn.run(create_app(settings), log_config=log, **server, **options)
+    uvicorn.run(app, log_config=log, **server, **options)
     return 0

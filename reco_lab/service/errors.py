@@ -5,16 +5,24 @@
 # %% auto #0
 __all__ = ['ERRORS_LOGGER', 'REQUEST_INFO', 'HTTP_ERROR_KEYS', 'ERROR_RESPONSES', 'ErrorItem', 'ErrorBody', 'error_response',
            'ServiceError', 'UserNotFound', 'ModelNotFound', 'NotAuthorized', 'EmulatedFailure', 'StartupFailed',
-           'request_info', 'recording_status', 'Throttle', 'SentryReporter', 'validation_error_handler',
-           'http_error_handler', 'server_error_response', 'server_error_handler', 'ServerErrors', 'add_error_handlers']
+           'request_info', 'recording_status', 'Throttle', 'SharedBuckets', 'share_sentry_budget', 'redact',
+           'request_values', 'SentryReporter', 'validation_error_handler', 'http_error_handler',
+           'server_error_response', 'server_error_handler', 'ServerErrors', 'add_error_handlers']
 
 # %% ../../nbs/31_service_errors.ipynb #98e90640
 import reco_lab.core  # noqa: F401
 
+import fcntl
 import logging
+import mmap
 import os
+import struct
+import tempfile
 import time
-from collections.abc import Callable
+import urllib.parse
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import sentry_sdk
@@ -112,46 +120,115 @@ def recording_status(scope: dict, send: Callable) -> Callable:
 class Throttle:
     "A token bucket per key: `per_minute` events a minute, a minute's worth at once; counts what it refuses."
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic, buckets=None):
         self.per_minute, self.clock = per_minute, clock
-        self.buckets: dict[str, tuple[float, float, int]] = {}  # key -> (tokens, when, refused since the last allowed)
+        self.buckets = {} if buckets is None else buckets  # key -> (tokens, when, refused since the last allowed)
 
     def allow(self, key: str) -> int | None:
         "None if refused, else how many events of `key` were refused since the last allowed one."
-        now = self.clock()
-        tokens, then, refused = self.buckets.get(key, (float(self.per_minute), now, 0))
-        tokens = min(float(self.per_minute), tokens + (now - then) * self.per_minute / 60)
-        if tokens < 1:
-            self.buckets[key] = (tokens, now, refused + 1)
-            return None
-        self.buckets[key] = (tokens - 1, now, 0)
-        return refused
+        with getattr(self.buckets, "locked", nullcontext)():
+            now = self.clock()
+            tokens, then, refused = self.buckets.get(key, (float(self.per_minute), now, 0))
+            tokens = min(float(self.per_minute), tokens + (now - then) * self.per_minute / 60)
+            if tokens < 1:
+                self.buckets[key] = (tokens, now, refused + 1)
+                return None
+            self.buckets[key] = (tokens - 1, now, 0)
+            return refused
+
+# %% ../../nbs/31_service_errors.ipynb #369af971
+class SharedBuckets:
+    "A Throttle's buckets in an anonymous file mapped into memory: shared with every process forked after it is made."
+
+    slot = struct.Struct("Iddq")  # crc32 of the key, tokens, when, refused
+    slots = 64  # exception types beyond it share buckets: the total stays bounded
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile()  # no name on disk; forked workers inherit the descriptor
+        self.file.truncate(self.slot.size * self.slots)
+        self.map = mmap.mmap(self.file.fileno(), self.slot.size * self.slots)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.lockf(self.file, fcntl.LOCK_EX)  # a record lock belongs to the process: workers exclude each other
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.file, fcntl.LOCK_UN)
+
+    def _offset(self, key: str) -> tuple[int, int]:
+        crc = zlib.crc32(key.encode()) or 1
+        return crc, crc % self.slots * self.slot.size
+
+    def get(self, key: str, default: tuple) -> tuple:
+        crc, offset = self._offset(key)
+        found, *bucket = self.slot.unpack_from(self.map, offset)
+        return default if found == 0 else tuple(bucket)
+
+    def __setitem__(self, key: str, bucket: tuple) -> None:
+        crc, offset = self._offset(key)
+        self.slot.pack_into(self.map, offset, crc, *bucket)
+
+
+_shared_buckets: SharedBuckets | None = None
+
+
+def share_sentry_budget() -> SharedBuckets:
+    "Make the Sentry budget of the reporters created from now on, in this process and its forks, one shared budget."
+    global _shared_buckets
+    _shared_buckets = _shared_buckets or SharedBuckets()
+    return _shared_buckets
 
 # %% ../../nbs/31_service_errors.ipynb #bc370b9f
-def _describe_request(sentry_scope: sentry_sdk.Scope, scope: dict) -> None:
-    "Tag `sentry_scope` with the request of ASGI `scope`: model, validated user, route, trace id, method and path."
+def redact(value: Any, secrets: tuple[str, ...]) -> Any:
+    "`value` (an event, recursively) with every occurrence of each secret replaced by `[Filtered]`."
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, "[Filtered]")
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+def request_values(scope: dict) -> tuple[str, ...]:
+    "What of the request must not reach Sentry: header values, query string (raw and decoded), client address."
+    raw = [value.decode("latin-1") for _, value in scope.get("headers") or ()]
+    query = scope.get("query_string", b"").decode("latin-1")
+    raw += [query, urllib.parse.unquote(query), urllib.parse.unquote_plus(query), *(query.split("&"))]
+    raw += [str(scope["client"][0])] if scope.get("client") else []
+    found = {v for value in raw for v in (value, value.strip()) if len(v) >= 4}  # shorter ones match everywhere
+    return tuple(sorted(found, key=len, reverse=True))  # the longest first: a part never hides the whole
+
+# %% ../../nbs/31_service_errors.ipynb #0251bb8a
+def _describe_request(sentry_scope: sentry_sdk.Scope, scope: dict, client_address: bool = False) -> None:
+    "Tag `sentry_scope` with the request's allow-list: method, route, model, validated user, trace id (and address)."
     info = scope.get(REQUEST_INFO, {})
     params = scope.get("path_params") or {}
     tags = {"model_name": str(params["model_name"])[:200]} if "model_name" in params else {}
     if "user_id" in info:
         tags["user_id"] = str(info["user_id"])[:200]
     sentry_scope.set_tags(tags)
-    sentry_scope.set_transaction_name(getattr(scope.get("route"), "path", scope["path"]), source="route")
+    route = getattr(scope.get("route"), "path", None) or "(no route)"
+    sentry_scope.set_transaction_name(route, source="route")
     if info.get("trace_id"):
         sentry_scope.set_context("trace", {"trace_id": info["trace_id"], "span_id": os.urandom(8).hex()})
-    request = {
-        "method": scope["method"],
-        "url": scope["path"],
-        "query_string": scope.get("query_string", b"").decode("latin-1"),
-    }
-    sentry_scope.add_event_processor(lambda event, hint: {**event, "request": request})
+    request = {"method": scope["method"], "url": route}
+    if client_address and scope.get("client"):
+        request["env"] = {"REMOTE_ADDR": str(scope["client"][0])}
+    hidden = tuple(v for v in request_values(scope) if not (client_address and v == str(scope["client"][0])))
+    sentry_scope.add_event_processor(lambda event, hint: redact({**event, "request": request}, hidden))
 
 # %% ../../nbs/31_service_errors.ipynb #581b4d74
 class SentryReporter:
-    "Sends handled exceptions to Sentry with the request's tags and trace id, at most `per_minute` per exception type."
+    "Sends handled exceptions to Sentry with the request's allow-list, at most `per_minute` per exception type."
 
-    def __init__(self, per_minute: int = 10):
-        self.throttle = Throttle(per_minute)
+    def __init__(self, per_minute: int = 10, client_address: bool = False):
+        self.throttle = Throttle(per_minute, buckets=_shared_buckets)
+        self.client_address = client_address
 
     def __call__(self, exc: BaseException, level: str, scope: dict | None = None) -> bool:
         "Capture `exc` at `level` if Sentry is on and the throttle allows it; True if it was sent."
@@ -166,7 +243,7 @@ class SentryReporter:
                 context = {"refused_since_last_event": refused, "per_minute": self.throttle.per_minute}
                 sentry_scope.set_context("throttle", context)
             if scope is not None:
-                _describe_request(sentry_scope, scope)
+                _describe_request(sentry_scope, scope, self.client_address)
             sentry_sdk.capture_exception(exc)
         return True
 
