@@ -1,5 +1,9 @@
 """gunicorn settings of the service image (`gunicorn -c docker/gunicorn.conf.py reco_lab.service.app:app`).
 
+The master loads the export (downloading it first with RECO_LAB_MODEL_URI) before it forks any worker: one download
+and one verification per start, the workers share the pages, and a start that cannot finish stops gunicorn with one
+line, or within RECO_LAB_START_TIMEOUT; until the workers are forked, SIGTERM ends it at once.
+
 Every number comes from the environment, with defaults sized for a 2-core container. gunicorn's own request
 limits (`limit_request_line`, `limit_request_fields`, `limit_request_field_size`) apply to its sync workers
 only; `ServiceWorker` hands them, with the keep-alive timeout, to `reco_lab.service.server`, the code that
@@ -8,11 +12,12 @@ completes, the concurrency limit answered with a JSON 503, and the parser chosen
 """
 
 import os
+import sys
 
 from pydantic import ValidationError
 from uvicorn.workers import UvicornWorker
 
-from reco_lab.service.errors import share_sentry_budget
+from reco_lab.service.errors import StartupFailed, share_sentry_budget
 from reco_lab.service.logging import SentryConfigError, check_sentry_dsn, log_config
 from reco_lab.service.server import Limits, uvicorn_options
 from reco_lab.service.settings import Settings, settings_problem
@@ -28,7 +33,7 @@ def _env_int(name: str, default: int) -> int:
 
 # checked here, in the master: a wrong value stops gunicorn with one line instead of failing every worker's boot
 try:
-    Settings()
+    SETTINGS = Settings()
     check_sentry_dsn()
 except ValidationError as e:
     raise SystemExit(f"gunicorn.conf.py: invalid settings: {settings_problem(e)}") from None
@@ -37,8 +42,26 @@ except SentryConfigError as e:
 share_sentry_budget()  # one Sentry budget (RECO_LAB_SENTRY_EVENTS_PER_MINUTE) for all the workers forked from here
 
 
+EXPORT = None  # loaded by the master in on_starting, inherited by every worker
+
+
+def on_starting(server) -> None:
+    "Load the export in the master, before gunicorn installs its signal handlers and forks the workers."
+    global EXPORT
+    from reco_lab.service.app import served_export
+
+    try:
+        EXPORT = served_export(SETTINGS)
+    except StartupFailed:
+        sys.exit(3)  # the reason is logged in one line
+
+
 class ServiceWorker(UvicornWorker):
     "uvicorn worker with the service's server options (`reco_lab.service.server.uvicorn_options`), gunicorn's limits."
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi.state.export = EXPORT  # the lifespan then serves it instead of loading its own
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -11,6 +11,7 @@ import reco_lab.core  # noqa: F401
 
 import argparse
 import logging
+import logging.config
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -69,13 +70,14 @@ logger = logging.getLogger("reco_lab.service")
 
 
 def served_export(settings: Settings) -> Export:
-    "The verified export to serve (downloaded from MLflow with a model URI); StartupFailed, logged once, if unusable."
+    "The verified export to serve, in memory (downloaded from MLflow with a model URI); StartupFailed, logged once."
     try:
+        folder = settings.models_dir
         if settings.model_uri:
             from reco_lab.registry import download_export  # MLflow is imported only to start from the registry
 
-            return load_export(download_export(settings.model_uri, settings.model_cache_dir))
-        return load_export(settings.models_dir)
+            folder = download_export(settings.model_uri, settings.model_cache_dir, timeout=settings.start_timeout)
+        return load_export(folder, mmap=False, k=settings.k_recs)
     except ExportError as e:
         logger.error("cannot start: %s", e, extra={"error.type": "ExportError", "error.message": str(e)})
         raise StartupFailed(str(e)) from None
@@ -83,10 +85,12 @@ def served_export(settings: Settings) -> Export:
 # %% ../../nbs/34_service.ipynb #5bd62a9f
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    "Configure the logs and load the export once, before the first request; one log line says what is served."
+    "Configure the logs and load the export unless the server did; one log line says what is served."
     settings: Settings = app.state.settings
     configure_logging(settings.log_level)
-    export = app.state.export = served_export(settings)
+    if getattr(app.state, "export", None) is None:
+        app.state.export = served_export(settings)
+    export = app.state.export
     logger.info(
         "serving %s from %s",
         ", ".join(export.models),
@@ -228,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reco-lab serve: invalid settings: {e}")
         return 2
     log = log_config(settings.log_level)
+    logging.config.dictConfig(log)
+    try:
+        app.state.export = served_export(settings)  # before uvicorn: SIGTERM still ends a stalled start at once
+    except StartupFailed:
+        return 3  # logged in one line
     server = {"host": settings.host, "port": settings.port, "lifespan": "on", "reload": False, "workers": 1}
     uvicorn.run(app, log_config=log, **server, **options)
     return 0
