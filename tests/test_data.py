@@ -74,6 +74,8 @@ def with_value(column: str, value: str, line: int = 7):
         ("total_dur", "inf", "is not a finite number"),
         ("watched_pct", "-inf", "is not a finite number"),
         ("user_id", "-1", "is negative"),
+        ("item_id", "1e3", "is not written as an integer (exponent notation)"),
+        ("last_watch_dt", "2099-12-31", "is in the future"),
     ],
 )
 def test_kion_rejects_values_pandas_would_silently_change(tmp_path, column, value, message):
@@ -84,6 +86,35 @@ def test_kion_rejects_values_pandas_would_silently_change(tmp_path, column, valu
         load_kion(folder)
     text = str(raised.value)
     assert text.startswith(f"{folder / 'interactions.csv'}: column {column!r}, line 7: {value!r} {message}"), text
+
+
+def after_blank_lines_and_a_quoted_field(lines):
+    "interactions.csv with two blank lines and a quoted cell over three lines before the row on line 10."
+    from reco_lab.data import KION_COLUMNS
+
+    cells = lines[1].split(",")
+    cells[KION_COLUMNS["interactions.csv"].index("watched_pct")] = '"12\n\n"'  # lines 4-6, one row for csv
+    bad = lines[4].split(",")
+    bad[KION_COLUMNS["interactions.csv"].index("user_id")] = "1e3"
+    return "\n".join([lines[0], "", "", ",".join(cells), lines[2], lines[3], ",".join(bad), *lines[5:]]) + "\n"
+
+
+def test_kion_errors_name_the_line_an_editor_shows(tmp_path):
+    "pandas skips blank lines and reads a quoted cell over several lines as one row: the line counted is the file's."
+    from reco_lab.data import load_kion
+
+    folder = kion_folder(tmp_path, after_blank_lines_and_a_quoted_field)
+    assert (folder / "interactions.csv").read_text().splitlines()[8].startswith("1e3,")  # line 9
+    with pytest.raises(DataError, match=r"column 'user_id', line 9: '1e3' is not written as an integer"):
+        load_kion(folder)
+
+
+def test_kion_refuses_a_column_named_twice(tmp_path):
+    from reco_lab.data import load_kion
+
+    folder = kion_folder(tmp_path, lambda lines: "\n".join([lines[0] + ",item_id", *[x + ",1" for x in lines[1:]]]))
+    with pytest.raises(DataError, match=r"interactions.csv: column\(s\) 'item_id' appear more than once in the header"):
+        load_kion(folder)
 
 
 @pytest.mark.parametrize("content,message", [("", "is empty"), (None, "has a header but no rows")])
