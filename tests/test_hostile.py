@@ -1,23 +1,33 @@
-"""Hostile input and faults against a live `reco-lab serve`, over real keep-alive connections (issue 14).
+"""Hostile input and faults against a live `reco-lab serve` and gunicorn, over real keep-alive connections
+(issues 14 and 23).
 
 A raw-socket client plays the attacker and the careless user: it sends exactly the bytes it means, pipelines
-requests, stalls half-way and opens more connections than the worker allows. Sentry goes to a local sink. Each
-defect of the issue has a test here; the property-based test at the end sends arbitrary path segments."""
+requests without reading the answers, smuggles requests behind bodies, stalls half-way and opens more connections
+than the worker allows. Sentry goes to a local sink whose envelopes are read byte for byte. Each defect of the
+issues has a test here; the property-based test at the end sends arbitrary path segments."""
 
+import itertools
 import json
+import os
+import shutil
 import socket
+import subprocess
+import threading
 import time
 import urllib.parse
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import demo_export, warm_user
+import psutil
+from support import ROOT, demo_export, warm_user
 
-from reco_lab.service.bench import SentrySink, live_service, wait_until_up
+from reco_lab.core import console_script, free_port
+from reco_lab.service.bench import LiveService, SentrySink, live_service, stop_process, wait_until_up
 from reco_lab.service.logging import INT64
 from reco_lab.service.server import server_stack
 from reco_lab.service.settings import FAILING_MULTIPLE
@@ -174,9 +184,43 @@ def export_dir(tmp_path_factory):
     return demo_export(tmp_path_factory.mktemp("export"))
 
 
+@contextmanager
+def live_gunicorn(export_dir: Path | None, *, env: dict, log: Path, workers: int = 2, timeout: float = 90):
+    "gunicorn with `docker/gunicorn.conf.py` as the image runs it, on a free port, until the block ends."
+    port = free_port()
+    environ = {
+        **os.environ,
+        "SENTRY_DSN": "",
+        "RECO_LAB_HOST": "127.0.0.1",
+        "RECO_LAB_PORT": str(port),
+        "GUNICORN_WORKERS": str(workers),
+        **({"RECO_LAB_MODELS_DIR": str(export_dir)} if export_dir else {}),
+        **env,
+    }
+    command = [console_script("gunicorn"), "--config", "docker/gunicorn.conf.py", "reco_lab.service.app:app"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", process, log, timeout)
+        deadline = time.monotonic() + timeout
+        while log.read_text().count("Application startup complete") < workers and time.monotonic() < deadline:
+            time.sleep(0.1)  # every worker ready, not only the first
+        yield LiveService(f"http://127.0.0.1:{port}", process, log)
+    finally:
+        stop_process(process, timeout=30)
+
+
 def on_stack(export_dir, stack: str, logs, name: str, env: dict):
-    "`live_service` on the HTTP stack `stack`, its log `<name>-<stack>.log` in `logs`."
+    "`live_service` on the HTTP stack `stack` (gunicorn: its image configuration), its log `<name>-<stack>.log`."
+    if stack == "gunicorn":
+        return live_gunicorn(export_dir, env=env, log=logs / f"{name}-{stack}.log")
     return live_service(export_dir, env=env, args=("--http", stack), log=logs / f"{name}-{stack}.log")
+
+
+def workers(service) -> list[psutil.Process]:
+    "The processes that answer requests: uvicorn's single process, or gunicorn's workers."
+    process = psutil.Process(service.pid)
+    return process.children() or [process]
 
 
 @pytest.fixture(scope="module")
@@ -523,3 +567,190 @@ def test_arbitrary_path_segments_get_one_answer_each_and_the_connection_survives
     assert len(access_lines(log.new(access=0, timeout=0))) == 0  # nothing after the last request: exactly one line each
     assert seen["requests"] >= 300 and {401, 404, 422} <= seen["statuses"], seen["statuses"]
     assert set(sentry_types(hostile.sink)) <= {"ModelNotFound", "EmulatedFailure"}
+
+
+# --- 6. issue 23: every server stack the project runs, gunicorn's workers included ------------------------------
+
+SERVERS = STACKS + ["gunicorn"]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request, export_dir, tmp_path_factory):
+    "The default configuration on each server stack: uvicorn with each parser, and gunicorn as the image runs it."
+    with on_stack(export_dir, request.param, tmp_path_factory.mktemp("logs"), "server", {}) as service:
+        service.stack = request.param
+        yield service
+
+
+def rss_mb(processes: list[psutil.Process]) -> float:
+    "The largest resident memory among `processes`, in MB."
+    return max(p.memory_info().rss for p in processes) / 2**20
+
+
+def pipelining_attack(service, path: str, connections: int = 2, megabytes: int = 13, seconds: float = 6.0):
+    "Worker RSS (MB) before, at the peak of and after `connections` clients pipelining `megabytes` each, never reading."
+    host, port = service.url.split("://")[1].rsplit(":", 1)
+    line = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    blob = line * (megabytes * 2**20 // len(line))
+    procs = workers(service)
+    before = peak = rss_mb(procs)
+    with ExitStack() as stack:
+        for _ in range(connections):
+            sock = stack.enter_context(socket.create_connection((host, int(port))))
+            threading.Thread(target=lambda s=sock: _send_quietly(s, blob), daemon=True).start()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_mb(procs))
+            time.sleep(0.1)
+    time.sleep(2.0)  # the connections are closed: what the workers let go of
+    return before, peak, rss_mb(procs)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # the test closed the socket while the server was not reading
+        pass
+
+
+def test_clients_pipelining_without_reading_cannot_grow_a_worker(server, warm):
+    """Two connections each send 13 MB of pipelined /reco requests and never read an answer: before the fix a
+    worker grew by 500-800 MB and kept it (httptools, gunicorn); now it reads no more than it can answer."""
+    before, peak, after = pipelining_attack(server, f"/reco/knn/{warm}")
+    print(f"{server.stack}: worker RSS {before:.0f} MB before, {peak:.0f} MB at the peak, {after:.0f} MB after")
+    assert peak - before < 48 and after - before < 32, (server.stack, before, peak, after)
+    with Connection(server.url) as conn:  # and it answers
+        answers = conn.send(*[request(f"/reco/knn/{warm}")] * 40).response(), *[conn.response() for _ in range(39)]
+        assert {a.status for a in answers} == {200}
+
+
+def test_a_client_that_reads_gets_every_pipelined_answer_in_order(server, warm, export_dir):
+    users = [warm, 10**8, 0, warm]
+    with Connection(server.url) as conn:
+        conn.send(*[request(f"/reco/popular/{u}") for u in users * 50])
+        got = [conn.response().json()["user_id"] for _ in range(len(users) * 50)]
+    assert got == users * 50
+
+
+SMUGGLED = b"GET /reco/smuggled/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+CHUNKED = b"0\r\n\r\n" + SMUGGLED
+
+
+@pytest.mark.parametrize(
+    "head,body",
+    [
+        (f"Content-Length: {len(CHUNKED)}\r\nTransfer-Encoding: chunked", CHUNKED),  # CL.TE / TE.CL
+        ("Transfer-Encoding: chunked\r\nContent-Length: 4", CHUNKED),
+        ("Transfer-Encoding: chunked", CHUNKED),
+        ("Transfer-Encoding: xchunked", CHUNKED),
+        ("Transfer-Encoding:\tchunked", CHUNKED),
+        (f"Content-Length: {len(SMUGGLED)}", SMUGGLED),
+        (f"Content-Length: {len(SMUGGLED)}\r\nContent-Length: 0", SMUGGLED),
+    ],
+    ids=["cl-te", "te-cl", "te", "xchunked", "te-tab", "cl-body", "two-cl"],
+)
+def test_smuggled_requests_are_refused_and_never_run(server, head, body):
+    log = Log(server)
+    log.skip()
+    with Connection(server.url) as conn:
+        conn.send(f"POST /health HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n".encode("latin-1") + body)
+        answer = b""
+        while chunk := conn.sock.recv(65536):  # until the server closes: h11's own 400 has no length
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+    time.sleep(0.3)
+    lines = log.new(access=0, timeout=0)
+    assert not any("smuggled" in line.get("url", {}).get("path", "") for line in lines), lines
+
+
+def test_an_export_truncated_on_disk_changes_nothing_for_the_running_service(export_dir, warm, tmp_path):
+    """The red team truncated a matrix under the running service: SIGBUS, no log line, an empty reply. The service
+    now serves what it read and verified at start-up, whatever happens to the files."""
+    copy = Path(shutil.copytree(export_dir, tmp_path / "models"))
+    for stack in ("httptools" if "httptools" in STACKS else "h11", "gunicorn"):
+        with on_stack(copy, stack, tmp_path, "truncated", {}) as service, Connection(service.url) as conn:
+            before = [conn.send(request(f"/reco/{m}/{warm}")).response().json() for m in ("popular", "knn", "als")]
+            for path in copy.rglob("*.npy"):
+                path.write_bytes(b"")
+            after = [conn.send(request(f"/reco/{m}/{warm}")).response().json() for m in ("popular", "knn", "als")]
+            assert after == before and service.process.poll() is None and all(w.is_running() for w in workers(service))
+        shutil.rmtree(copy)
+        copy = Path(shutil.copytree(export_dir, tmp_path / "models"))
+
+
+# --- 7. issue 23: no personal data reaches Sentry ---------------------------------------------------------------
+
+PERSONAL = {
+    "Cookie": "session=c00kie-v4lue; theme=d4rk-mode",
+    "X-Forwarded-For": "203.0.113.77",
+    "X-Custom-Secret": "cust0m-h3ader-value",
+    "User-Agent": "Agent/attacker-1.0",
+}
+QUERY = "t=s3cr3t%2DT0ken&email=someone%40example.org"
+
+
+@pytest.fixture(params=SERVERS)
+def sentried(request, export_dir, tmp_path):
+    "Token, error emulation and Sentry to a sink of its own, on each server stack."
+    with SentrySink() as sink:
+        env = {"RECO_LAB_API_TOKEN": TOKEN, "RECO_LAB_EMULATE_ERRORS": "1", "SENTRY_DSN": sink.dsn}
+        with on_stack(export_dir, request.param, tmp_path, "sentried", env) as service:
+            service.sink = sink
+            yield service
+
+
+def test_sentry_events_carry_only_the_allow_list(sentried, warm):
+    """Unknown model, emulated failure and a 422 with cookies, a forwarded address, custom headers and a query
+    string: every byte of every envelope the SDK sends is read, and none of them is there."""
+    headers = tuple(f"{k}: {v}" for k, v in PERSONAL.items())
+    with Connection(sentried.url) as conn:
+        for path in (f"/reco/nosuch/{warm}?{QUERY}", f"/reco/als/{FAILING}?{QUERY}", f"/reco/knn/abc?{QUERY}"):
+            conn.send(request(path, TOKEN, headers=headers)).response()
+    hostile = sentried
+    events = hostile.sink.events(count=2)
+    mine = [e for e in events if e["tags"].get("user_id") in (str(warm), str(FAILING))]
+    assert {e["exception"]["values"][-1]["type"] for e in mine} >= {"ModelNotFound", "EmulatedFailure"}
+    for event in mine:
+        assert set(event["request"]) == {"method", "url"}, event["request"]
+        assert event["request"]["url"] == "/reco/{model_name}/{user_id}" == event["transaction"]
+        assert set(event["tags"]) == {"model_name", "user_id"} and "user" not in event
+    needles = [*PERSONAL.values(), QUERY, urllib.parse.unquote(QUERY), "s3cr3t", "someone", TOKEN, "c00kie", "d4rk"]
+    raw = b"".join(envelope["raw"] for envelope in hostile.sink.envelopes)
+    found = {needle for needle in needles if needle.encode() in raw or needle.lower().encode() in raw.lower()}
+    assert not found, found
+
+
+def test_the_client_address_reaches_sentry_only_when_configured(export_dir, warm, tmp_path):
+    for configured in (False, True):
+        with SentrySink() as sink:
+            env = {"SENTRY_DSN": sink.dsn, "RECO_LAB_SENTRY_CLIENT_ADDRESS": str(int(configured))}
+            with live_service(export_dir, env=env, log=tmp_path / f"address-{configured}.log") as service:
+                with Connection(service.url) as conn:
+                    conn.send(request(f"/reco/nosuch/{warm}", headers=("X-Forwarded-For: 203.0.113.78",))).response()
+                (event,) = sink.events()
+        raw = b"".join(envelope["raw"] for envelope in sink.envelopes)
+        assert (b"203.0.113.78" in raw) == configured
+        assert event["request"].get("env", {}).get("REMOTE_ADDR") == ("203.0.113.78" if configured else None)
+
+
+def test_gunicorn_workers_share_one_sentry_budget(export_dir, warm, tmp_path):
+    "With 2 workers and a budget of 3 a minute, 10 unknown-model requests to each send 3 events in all, not 6."
+    with SentrySink() as sink:
+        env = {"SENTRY_DSN": sink.dsn, "RECO_LAB_SENTRY_EVENTS_PER_MINUTE": "3"}
+        with live_gunicorn(export_dir, env=env, log=tmp_path / "budget.log", workers=2) as service:
+            start, answered = time.monotonic(), set()
+            for asked, other in itertools.permutations(workers(service)):
+                other.suspend()  # the kernel hands every new connection to the worker still running
+                try:
+                    for i in range(10):
+                        with Connection(service.url) as conn:
+                            assert conn.send(request(f"/reco/nosuch{asked.pid}-{i}/{warm}")).response().status == 404
+                finally:
+                    other.resume()
+                time.sleep(0.3)
+                answered = {line["process"]["pid"] for line in access_lines(service.log_lines())}
+            refills = int((time.monotonic() - start) / 20)
+            time.sleep(1.5)
+            events = sink.events(count=3)
+    assert len(answered) == 2, answered  # both workers answered
+    assert 3 <= len(events) <= 3 + refills, len(events)

@@ -202,6 +202,16 @@ def test_one_ecs_line_per_request(open_service):
 # --- start-up -----------------------------------------------------------------------------------------------------
 
 
+def start_up_errors(models_dir, tmp_path, env: dict | None = None) -> tuple[list[dict], str, str]:
+    "The error lines, the whole log and the failure of a `reco-lab serve` that must not start."
+    with pytest.raises(ServiceFailed) as failed:
+        with live_service(models_dir, env=env, log=tmp_path / "serve.log"):
+            pass
+    text = (tmp_path / "serve.log").read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["log.level"] == "error"], text, str(failed.value)
+
+
 def test_corrupted_export_stops_start_up_with_one_message_naming_the_file(export_dir, tmp_path):
     import shutil
 
@@ -210,15 +220,52 @@ def test_corrupted_export_stops_start_up_with_one_message_naming_the_file(export
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
+    errors, text, failure = start_up_errors(broken, tmp_path)
+    assert len(errors) == 1 and str(path) in errors[0]["message"] and "sha256" in errors[0]["message"], errors
+    assert errors[0]["error"]["type"] == "ExportError" and "Traceback" not in text
+    assert "exited with code 3" in failure
+
+
+def test_an_export_that_passes_its_checksums_but_means_nonsense_stops_start_up(export_dir, tmp_path):
+    "uint8 item ids, rewritten with a matching checksum: wrapped ids would be served; the start-up refuses them."
+    import shutil
+
+    import numpy as np
+
+    from reco_lab.core import sha256
+
+    broken = shutil.copytree(export_dir, tmp_path / "models")
+    path = broken / "als" / "topk.npy"
+    np.save(path, np.load(path).astype(np.uint8))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["files"]["als/topk.npy"] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    errors, text, failure = start_up_errors(broken, tmp_path)
+    assert [e["message"] for e in errors] == [
+        f"cannot start: export file {path} holds uint8: item ids must be int32 "
+        "or int64 (an unsigned or narrow type wraps ids around, a float is no id)"
+    ]
+    assert "exited with code 3" in failure
+
+
+@pytest.mark.parametrize(
+    "variable,value,expected",
+    [
+        (
+            "RECO_LAB_API_TOKEN",
+            "s\u00e9cret-t0ken",
+            "RECO_LAB_API_TOKEN: the token has a character that is not visible",
+        ),
+        ("SENTRY_DSN", "garbage", "SENTRY_DSN is not a Sentry DSN (Unsupported scheme '')"),
+    ],
+)
+def test_settings_that_cannot_work_stop_reco_lab_serve_with_one_line(export_dir, tmp_path, variable, value, expected):
     with pytest.raises(ServiceFailed) as failed:
-        with live_service(broken, log=tmp_path / "serve.log"):
+        with live_service(export_dir, env={variable: value}, log=tmp_path / "serve.log"):
             pass
-    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")]
-    errors = [line for line in lines if line["log.level"] == "error"]
-    assert [line["message"] for line in errors][-1] == "Application startup failed. Exiting."
-    assert len(errors) == 2 and str(path) in errors[0]["message"] and "sha256" in errors[0]["message"], errors
-    assert errors[0]["error"]["type"] == "ExportError" and "Traceback" not in (tmp_path / "serve.log").read_text()
-    assert "exited with code 3" in str(failed.value)
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"reco-lab serve: invalid settings: {expected}"), lines
+    assert "t0ken" not in lines[0] and "exited with code 2" in str(failed.value)
 
 
 def test_import_loads_nothing():
