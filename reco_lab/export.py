@@ -147,7 +147,7 @@ class Export:
 
     def row(self, user_id: int) -> int:
         "Row of a known user, -1 for a user the export has never seen."
-        i = int(np.searchsorted(self.users, user_id))
+        i = int(self.users.searchsorted(user_id))
         return i if i < len(self.users) and self.users[i] == user_id else -1
 
     def recommend(self, model: str, user_id: int, k: int) -> list[int]:
@@ -155,8 +155,9 @@ class Export:
         row = self.row(user_id)
         if row < 0:
             return self.popular[:k].tolist()
-        ranked = self.topk[model][row]
-        items = ranked[ranked >= 0][:k].tolist()
+        items = self.topk[model][row, :k].tolist()
+        if items and items[-1] < 0:  # -1 pads the end of a short list (`check_meaning`)
+            items = items[: items.index(-1)]
         if len(items) < k:
             exclude = set(items).union(self.seen_items[self.seen_indptr[row] : self.seen_indptr[row + 1]].tolist())
             items += [i for i in self.popular.tolist() if i not in exclude][: k - len(items)]
