@@ -9,6 +9,7 @@ __all__ = ['FORMAT_VERSION', 'SERVED_MODELS', 'ExportError', 'models_dir', 'writ
 # %% ../nbs/20_export.ipynb #d2cbcb7b
 import reco_lab.core  # noqa: F401
 
+import bisect
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,7 @@ def write_export(
 # %% ../nbs/20_export.ipynb #10021ab5
 @dataclass(repr=False)
 class Export:
-    "A verified, memory-mapped serving export."
+    "A verified serving export: arrays in memory or memory-mapped."
 
     folder: Path
     manifest: dict
@@ -145,17 +147,25 @@ class Export:
     def models(self) -> list[str]:
         return [m for m in SERVED_MODELS if m in self.topk]
 
+    @cached_property
+    def _views(self) -> tuple[memoryview, dict[str, tuple[memoryview, int]], list[int]]:
+        "Users, each model's rows end to end (with the depth) as memoryviews, the popular list: no numpy per request."
+        flat = {m: (memoryview(np.ascontiguousarray(a).reshape(-1)), a.shape[1]) for m, a in self.topk.items()}
+        return memoryview(np.ascontiguousarray(self.users)), flat, self.popular.tolist()
+
     def row(self, user_id: int) -> int:
         "Row of a known user, -1 for a user the export has never seen."
-        i = int(self.users.searchsorted(user_id))
-        return i if i < len(self.users) and self.users[i] == user_id else -1
+        users = self._views[0]
+        i = bisect.bisect_left(users, user_id)
+        return i if i < len(users) and users[i] == user_id else -1
 
     def recommend(self, model: str, user_id: int, k: int) -> list[int]:
         "Exactly `k` distinct items for `user_id`: the model's list, then popular items, never what the user has seen."
         row = self.row(user_id)
         if row < 0:
-            return self.popular[:k].tolist()
-        items = self.topk[model][row, :k].tolist()
+            return self._views[2][:k]
+        flat, depth = self._views[1][model]
+        items = flat[row * depth : row * depth + min(k, depth)].tolist()
         if items and items[-1] < 0:  # -1 pads the end of a short list (`check_meaning`)
             items = items[: items.index(-1)]
         if len(items) < k:

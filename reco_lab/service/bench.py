@@ -693,7 +693,7 @@ def served_section(bench: Bench) -> list[str]:
         "",
         shown.reset_index().to_markdown(index=False),
         "",
-        f"{rss} (export on disk: {bench.export_mb:.1f} MB, memory-mapped).",
+        f"{rss} (export on disk: {bench.export_mb:.1f} MB, read into memory).",
         "",
         f"Target: every `/reco` at least {RPS_TARGET:g}x the throughput of `/health` and at most {P99_TARGET:g}x "
         "its p99. The throughput ratio is judged on `cpu_vs_health`, /health's CPU time per request over the "
