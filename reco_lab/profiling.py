@@ -75,7 +75,7 @@ def layer(frame: str) -> str:
 
 # %% ../nbs/40_profiling.ipynb #830da7fd
 MARKERS = {  # activity: substring of a frame anywhere on the stack
-    "request handler": "add_routes.<locals>.",
+    "request handler": "(reco_lab/service/app.py",  # the routes, and FastPath which answers /health and /reco
     "model work": "recommend (reco_lab/service/app.py",
     "access log": "AccessLog.log (reco_lab/",
 }

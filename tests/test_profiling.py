@@ -20,7 +20,7 @@ def test_reco_lab_profile_writes_every_report(tmp_path):
         raw = (out / f"{target}.txt").read_text()
         assert "reco_lab/service/" in raw and "reload" not in raw
         if target != "health":
-            assert "add_routes.<locals>.get_reco" in raw and "Export.recommend (reco_lab/export.py" in raw
+            assert "FastPath._reco (reco_lab/service/app.py" in raw and "Export.recommend (reco_lab/export.py" in raw
     profiles = json.loads((out / "profiles.json").read_text())
     assert [t["target"] for t in profiles["targets"]] == targets
     readme = (out / "README.md").read_text()
