@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and pip:
 #   make run   - create .venv, install reco_lab, run the study on MovieLens-100k (embedded MLflow store)
-#   make test  - install the dev extras into the same .venv, the system parts the tests use (as root with apt:
+#   make test  - install the dev extras (and Ray, reco_lab[scale]) into the same .venv, the system parts the tests use (as root with apt:
 #                PostgreSQL, docker.io, docker-compose, debootstrap, wrk) and run the whole test suite
 # The images (a Docker engine; wheels downloaded on the host, no network inside the builds):
 #   make docker-image         - reco-lab-service, the API
@@ -39,7 +39,7 @@ $(RUN_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
 	touch $@
 
 $(DEV_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
-	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS),lab,dev]"
+	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS),scale,lab,dev]"
 	touch $(RUN_STAMP) $@
 
 # the lock of this Python's tested versions, from the dev environment (after a change of requirements and a green make test)
