@@ -290,23 +290,13 @@ def export_metrics(folder: Path, fold, k: int = 10) -> dict[str, dict[str, float
 
 # %% ../nbs/52_bench.ipynb #5a5fb9fd
 def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: dict, folder: Path) -> Path:
-    "The serving export of all five models; ALS is ranked once, for its own lists and the ranker's candidates."
-    from rectools import Columns
-
-    from reco_lab.scoring import topk_items
-    from reco_lab.models.ranker import rank_candidates_once, share_first_stage
+    "The serving export of all five models, through `export_models` as the study and `reco-lab score` write it."
+    from reco_lab.models.ranker import share_first_stage
     from reco_lab.precompute import export_models
 
-    with timer.stage(f"export: top {p.depth} of 5 models for all users, ALS's lists shared with the ranker") as st:
-        users, start = np.sort(data.interactions[Columns.User].unique()), time.perf_counter()  # the export's users
-        items, scores = topk_items(models["als"], train, users, max(p.depth, p.ranker_candidates), with_scores=True)
-        als_s, start = time.perf_counter() - start, time.perf_counter()
-        ranker = share_first_stage(models.pop("ranker"), models["als"], train, lists=(users, items, scores))
-        ranked = topk_items(rank_candidates_once(ranker, train, users), train, users, p.depth)
-        del ranker, scores  # the ranker's candidates and features go before the other models are ranked
-        st.notes["ALS, ranker"] = f"{als_s:.1f} s, {time.perf_counter() - start:.1f} s"
+    with timer.stage(f"export: top {p.depth} of 5 models for all users") as st:
         views = {name: (model, fold.train if name == "lightfm" else train) for name, model in models.items()}
-        views |= {"als": items[:, : p.depth], "ranker": ranked}
+        views["ranker"] = (share_first_stage(views["ranker"][0], models["als"], train), train)
         lines = []
         folder = export_models(
             data, views, folder, depth=p.depth, meta={"champion": {"model": "ranker"}}, log=lines.append

@@ -74,6 +74,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 # %% ../nbs/53_cli.ipynb #89ce9872
 DELEGATED = {
     "tune": ("reco_lab.tuning", "main", "tune a model's hyper-parameters with Optuna on the validation folds"),
+    "score": ("reco_lab.batch", "main", "recompute the serving export from a study's models (local or on Ray)"),
     "serve": ("reco_lab.service.app", "main", "start the recommendation service (uvicorn, no reloader)"),
     "tracking": ("reco_lab.stack", "main", "start/stop a local MLflow server on PostgreSQL + S3 (up, down, status)"),
     "profile": ("reco_lab.profiling", "main", "profile the live service with py-spy into reports/profiling/"),
