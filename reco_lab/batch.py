@@ -239,6 +239,8 @@ def score(
 
     if engine not in ("local", "ray"):
         raise ScoreError(f"unknown engine {engine!r}: local or ray")
+    if engine == "ray" and (address := address or os.environ.get("RAY_ADDRESS")) not in (None, "", "auto", "local"):
+        _reachable(address)  # before anything is loaded: a cluster that is not there is one line
     chosen = study_runs(dataset or "ml-100k", study, uri)
     log(f"study {chosen.study_id} on {chosen.dataset} ({chosen.protocol}): champion {chosen.champion['tags.model']}")
     data = load_data(chosen.dataset, seed=seed)
