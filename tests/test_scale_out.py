@@ -4,6 +4,7 @@ byte-identical to `--engine local` and to the champion notebook's export, the sa
 killed mid-run, and one line naming the address when no cluster answers."""
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -75,7 +76,7 @@ def ray_cluster(workers: int = 1) -> Iterator[tuple[str, list[Node]]]:
     finally:
         for node in reversed(nodes):
             node.kill()
-        subprocess.run(["rm", "-rf", str(folder)], check=False)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
