@@ -14,7 +14,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 LIGHTFM_STAMP := $(VENV)/.installed-lightfm
 RUN_ARGS ?=
 
-.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale docker-base docker-image docker-mlflow-image
+.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale bench-scale-out docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -109,6 +109,10 @@ bench-als: $(RUN_STAMP)
 # --help`, reco_lab.bench.ScaleParams); writes reports/benchmarks.md
 bench-scale: $(RUN_STAMP)
 	$(BIN)/reco-lab bench scale
+# reco-lab score on Ray against one process at 1M users, the scoring kernel's references, growth to 10M users
+# (reco_lab.bench.ScaleOutParams); needs reco_lab[scale] (make test installs it); writes reports/scale_out.md
+bench-scale-out: $(DEV_STAMP)
+	$(BIN)/reco-lab bench scale-out
 
 # the images; DOCKER is the CLI, PYTHON_IMAGE the base (where no registry answers: scripts/build-python-standin)
 DOCKER ?= docker

@@ -505,32 +505,42 @@ def machine() -> dict:
     memory = psutil.virtual_memory().total / 2**30
     return {"cpu": model, "simd": simd, "cores": os.cpu_count(), "memory_gb": round(memory), "blas": numpy_blas()}
 
+# %% ../nbs/52_bench.ipynb #9eab350e
+def _random_ranking(n_users: int, n_items: int, factors: int = 64, seen_per_user: int = 5):
+    "An ALS-shaped `Ranking` of random factors: the scoring stage's input at any size, without data to fit."
+    from scipy import sparse
+
+    from reco_lab.scoring import Ranking, block_rows, tie_ranks
+
+    rng = np.random.default_rng(n_users)
+    user_f = rng.standard_normal((n_users, factors), np.float32)
+    item_f = rng.standard_normal((n_items, factors), np.float32)
+    indices = rng.integers(0, n_items, n_users * seen_per_user, dtype=np.int32)
+    indptr = np.arange(0, n_users * seen_per_user + 1, seen_per_user, dtype=np.int64)
+    seen = sparse.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n_users, n_items))
+    users, items = np.arange(n_users, dtype=np.int64), np.arange(n_items, dtype=np.int64)
+    scores = lambda rows: user_f[rows] @ item_f.T  # noqa: E731
+    return Ranking(users, users.copy(), items, block_rows(n_items), tie_ranks(items), scores, seen)
+
 # %% ../nbs/52_bench.ipynb #5ac41bab
-def kernel_times(n_users: int = 200_000, n_items: int = 15_000, factors: int = 64, k: int = 30) -> dict:
+def kernel_times(n_users: int = 200_000, n_items: int = 15_000, k: int = 30) -> dict:
     "`rank_users` against its matrix products alone on random factors: seconds, GFLOP/s, a digest of the lists."
     import hashlib
 
-    from scipy import sparse
-
     from reco_lab.batch import numpy_blas
     from reco_lab.core import n_threads
-    from reco_lab.scoring import block_rows, rank_users, tie_ranks
+    from reco_lab.scoring import rank_users
 
-    rng = np.random.default_rng(0)
-    users, items = (
-        rng.standard_normal((n_users, factors), np.float32),
-        rng.standard_normal((n_items, factors), np.float32),
-    )
-    seen = sparse.random(n_users, n_items, density=5 / n_items, format="csr", random_state=0)
-    step, rows = block_rows(n_items), np.arange(n_users)
+    r = _random_ranking(n_users, n_items)
+    step, rows = r.grain, r.rows
     start = time.perf_counter()
-    with ThreadPoolExecutor(n_threads()) as pool:
-        list(pool.map(lambda s: users[s : s + step] @ items.T, range(0, n_users, step)))
+    with ThreadPoolExecutor(n_threads()) as pool:  # the products are dropped as soon as made: shapes only
+        list(pool.map(lambda s: r.scores(rows[s : s + step]).shape, range(0, n_users, step)))
     products = time.perf_counter() - start
     start = time.perf_counter()
-    ids, _ = rank_users(lambda r: users[r] @ items.T, rows, seen, k, tie_ranks(np.arange(n_items)))
+    ids, _ = rank_users(r.scores, rows, r.seen, k, r.ties)
     ranked = time.perf_counter() - start
-    flop = 2.0 * n_users * n_items * factors
+    flop = 2.0 * n_users * n_items * 64
     return {
         "blas": numpy_blas(),
         "users": n_users,
@@ -570,7 +580,7 @@ def _als_topk_references(als, dataset, users: np.ndarray, k: int = 30) -> dict:
     step = block_rows(item_f.shape[0])
     start = time.perf_counter()
     with ThreadPoolExecutor(n_threads()) as pool:
-        list(pool.map(lambda s: user_f[rows[s : s + step]] @ item_f.T, range(0, len(rows), step)))
+        list(pool.map(lambda s: (user_f[rows[s : s + step]] @ item_f.T).shape, range(0, len(rows), step)))
     floor_s = time.perf_counter() - start
     flop = 2.0 * len(rows) * item_f.shape[0] * item_f.shape[1]
     return {"implicit_s": implicit_s, "topk_s": topk_s, "floor_s": floor_s, "tflop": flop / 1e12, "users": len(rows)}
@@ -625,23 +635,6 @@ def _per_worker(tasks: list[dict]) -> dict[int, dict]:
         w["cpu_s"] += t["cpu_s"]
         w["peak_rss_mb"], w["uss_mb"] = max(w["peak_rss_mb"], t["peak_rss_mb"]), max(w["uss_mb"], t["uss_mb"])
     return out
-
-# %% ../nbs/52_bench.ipynb #9eab350e
-def _random_ranking(n_users: int, n_items: int, factors: int = 64, seen_per_user: int = 5):
-    "An ALS-shaped `Ranking` of random factors: the scoring stage's input at any size, without data to fit."
-    from scipy import sparse
-
-    from reco_lab.scoring import Ranking, block_rows, tie_ranks
-
-    rng = np.random.default_rng(n_users)
-    user_f = rng.standard_normal((n_users, factors), np.float32)
-    item_f = rng.standard_normal((n_items, factors), np.float32)
-    indices = rng.integers(0, n_items, n_users * seen_per_user, dtype=np.int32)
-    indptr = np.arange(0, n_users * seen_per_user + 1, seen_per_user, dtype=np.int64)
-    seen = sparse.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n_users, n_items))
-    users, items = np.arange(n_users, dtype=np.int64), np.arange(n_items, dtype=np.int64)
-    scores = lambda rows: user_f[rows] @ item_f.T  # noqa: E731
-    return Ranking(users, users.copy(), items, block_rows(n_items), tie_ranks(items), scores, seen)
 
 # %% ../nbs/52_bench.ipynb #da09a947
 def _growth_point(n_users: int, p: ScaleOutParams) -> dict:
