@@ -28,7 +28,7 @@ from platformdirs import user_cache_dir
 from rectools import Columns
 from rectools.dataset import Dataset
 
-from .core import sha256
+from .core import settings, sha256
 
 # %% ../nbs/01_data.ipynb #6ca19b15
 class DataError(ValueError):
@@ -116,7 +116,7 @@ ML100K_SHA256 = {
 # %% ../nbs/01_data.ipynb #452c9275
 def data_dir() -> Path:
     "Where downloaded datasets are cached: `RECO_LAB_DATA_DIR`, else the user's cache dir."
-    return Path(os.environ.get("RECO_LAB_DATA_DIR") or Path(user_cache_dir("reco_lab")) / "data").expanduser()
+    return Path(settings().data_dir or Path(user_cache_dir("reco_lab")) / "data").expanduser()
 
 # %% ../nbs/01_data.ipynb #dd36fc5b
 def _verify(folder: Path) -> list[str]:

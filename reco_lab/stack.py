@@ -34,7 +34,7 @@ import psutil
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .core import answers_ok, console_script, project_root
+from .core import answers_ok, console_script, project_root, settings
 
 from .core import free_port  # noqa: F401  (also used by the tests through this module)
 
@@ -51,7 +51,7 @@ class StackError(RuntimeError):
 # %% ../nbs/50_stack.ipynb #40e3f292
 def stack_dir() -> Path:
     "Where the stack keeps its state: `RECO_LAB_STACK_DIR`, else `.stack/` in the repository."
-    return Path(os.environ.get("RECO_LAB_STACK_DIR") or project_root() / ".stack").expanduser().resolve()
+    return settings().folder("stack_dir", ".stack").resolve()
 
 # %% ../nbs/50_stack.ipynb #6c0deb75
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -193,7 +193,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 # %% ../nbs/50_stack.ipynb #460f6ac3
 def postgres_bin() -> Path:
     "The folder with `initdb`, `pg_ctl` and `postgres`: RECO_LAB_PG_BIN, else the newest installed PostgreSQL."
-    if env := os.environ.get("RECO_LAB_PG_BIN"):
+    if env := settings().pg_bin:
         candidates = [Path(env)]
     else:
         candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: float(p.parent.name), reverse=True)
@@ -598,7 +598,7 @@ def configure(
         wanted["mlflow_port"] = port
     elif port == 0 and not healthy(stack, "mlflow"):
         wanted["mlflow_port"] = free_port()
-    if s3_endpoint := s3_endpoint or os.environ.get("RECO_LAB_S3_ENDPOINT_URL"):
+    if s3_endpoint := s3_endpoint or settings().s3_endpoint_url:
         key = s3_key or os.environ.get("AWS_ACCESS_KEY_ID")
         secret = s3_secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
         if not (key and secret):

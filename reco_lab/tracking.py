@@ -33,7 +33,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from .core import MODELS, project_root
+from .core import settings
 from .evaluation import MAIN_METRIC
 
 # %% ../nbs/03_tracking.ipynb #7428e3a1
@@ -47,17 +47,17 @@ class TrackingUnavailable(RuntimeError):
 # %% ../nbs/03_tracking.ipynb #b0c6bbfb
 def local_store(root: Path | None = None) -> Path:
     "The embedded store's folder: `mlruns/` in the repository."
-    return (root or project_root()) / "mlruns"
+    return (root or settings().home) / "mlruns"
 
 # %% ../nbs/03_tracking.ipynb #996880b1
 def tracking_uri() -> str:
     "`MLFLOW_TRACKING_URI`, or the embedded SQLite store in the repository."
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local_store() / 'mlflow.db'}"
+    return settings().tracking_uri or f"sqlite:///{local_store() / 'mlflow.db'}"
 
 # %% ../nbs/03_tracking.ipynb #5a10584e
 def experiment_name(kind: str) -> str:
     "Experiment for `candidates`, `ranker` or `tuning` runs; `RECO_LAB_EXPERIMENT_<KIND>` overrides the name."
-    return os.environ.get(f"RECO_LAB_EXPERIMENT_{kind.upper()}") or EXPERIMENTS.get(kind, kind)
+    return getattr(settings(), f"experiment_{kind}", "") or EXPERIMENTS.get(kind, kind)
 
 # %% ../nbs/03_tracking.ipynb #b49e8cf7
 def check_tracking(uri: str | None = None, timeout: float = 5.0) -> MlflowClient:
@@ -113,7 +113,7 @@ def run_name(model: str, params: dict[str, Any], key_params: tuple[str, ...] = (
 # %% ../nbs/03_tracking.ipynb #49a4e171
 def git_state(root: Path | None = None) -> tuple[str, bool]:
     "The checkout's HEAD commit and whether tracked files have changes; (`unknown`, False) outside git."
-    root = root or project_root()
+    root = root or settings().home
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
@@ -265,8 +265,6 @@ def tracked_run(
     uri: str | None = None,
 ) -> Iterator[Run]:
     "Record one experiment run in MLflow; ends FINISHED, or FAILED/KILLED if the block raises."
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}: the param `model` is one of {', '.join(MODELS)}")
     client = check_tracking(uri)
     all_params = {"model": model, **params}
     name = run_name(model, all_params, key_params)

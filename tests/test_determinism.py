@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from reco_lab.core import MODELS, _cpu_flags, console_script
+from reco_lab.catalog import MODEL_NAMES as MODELS
+from reco_lab.core import _cpu_flags, console_script
 
 from support import BIN, ROOT
 

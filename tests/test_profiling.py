@@ -27,5 +27,5 @@ def test_reco_lab_profile_writes_every_report(tmp_path):
     assert (
         readme.count("No reloader frame was sampled.") == 4 and "![CPU per request by layer](comparison.png)" in readme
     )
-    assert (out / "comparison.png").stat().st_size > 1000 and (out / "40_profiling.ipynb").exists()
+    assert (out / "comparison.png").stat().st_size > 1000 and (out / "52_profiling.ipynb").exists()
     assert not (out / "service.log").exists()

@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from reco_lab import stack as st
-from reco_lab.core import MODELS as ALL_MODELS
+from reco_lab.catalog import MODEL_NAMES as ALL_MODELS
 from reco_lab.core import free_port
 
 from conftest import BIN, query, run, tool
@@ -123,7 +123,7 @@ def test_a_quick_study_never_moves_the_champion(study):
 
 def test_progress_and_every_notebook_rendered(study):
     tmp, _, result = study
-    assert "[1/7]" in result.stdout and "[7/7] 23_select_champion_champion done" in result.stdout
+    assert "[1/7]" in result.stdout and "[7/7] 24_champion_champion done" in result.stdout
     summary = dict(line.split(None, 1) for line in result.stdout.splitlines()[:4] if line.strip())
     assert (summary["interactions"].strip(), summary["users"].strip(), summary["items"].strip()) == (
         "100000",
@@ -151,12 +151,8 @@ def test_runs_have_validation_and_test_metrics_by_fold(study):
         (data_input,) = r.inputs.dataset_inputs
         assert data_input.dataset.name == "ml-100k" and len(data_input.dataset.digest) == 16
         notebooks = [a.path for a in client.list_artifacts(r.info.run_id, "notebook")]
-        own = Path(
-            r.data.tags["mlflow.source.name"]
-        ).stem  # e.g. 14_catboost_pointwise, as 06_14_catboost_pointwise_ranker.html
-        assert any(own in path for path in notebooks) and any("23_select_champion" in path for path in notebooks), (
-            notebooks
-        )
+        own = Path(r.data.tags["mlflow.source.name"]).stem  # e.g. 18_ranker, as 06_18_ranker_ranker.html
+        assert any(own in path for path in notebooks) and any("24_champion" in path for path in notebooks), notebooks
         for metric in ("map_at_10", "val_map_at_10"):
             history = client.get_metric_history(r.info.run_id, f"{metric}_by_fold")
             assert [m.step for m in history] == [0, 1], (name, metric)
