@@ -92,7 +92,7 @@ def register_champion(
         description=f"{run['tags.model']} run {run['tags.mlflow.runName']}",
     )
     client.set_registered_model_alias(name, alias, version.version)
-    for experiment in ("candidates", "ranker"):
+    for experiment in ("study",):
         for _, other in search_runs(experiment, uri=uri, **{alias: "true"}).iterrows():
             if other["run_id"] != run["run_id"]:
                 client.delete_tag(other["run_id"], alias)

@@ -69,6 +69,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from reco_lab.experiment import setup
     from reco_lab.reports import write_reports
 
+    from reco_lab.runner import writable_dir
+    from reco_lab.tracking import check_tracking
+
+    check_tracking(create=False)  # read only: a store that is not there is one line, and nothing is created
+    if args.reports_dir:
+        writable_dir(Path(args.reports_dir), "--reports-dir")
     study = study_of(args)
     board = write_reports(None, study, args.reports_dir, folds_table=fold_summary(setup(study)[1]))
     print(board.read_text(encoding="utf-8"))

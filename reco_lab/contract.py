@@ -35,7 +35,7 @@ def checked(cls: type[BaseModel], values: dict[str, Any], where: str) -> Any:
         problems = [
             f"{'.'.join(map(str, err['loc'])) or '(all)'}: {err['msg']} (got {err['input']!r})"
             if err["type"] != "extra_forbidden"
-            else f"{'.'.join(map(str, err['loc']))}: no such parameter; the parameters are {', '.join(cls.model_fields)}"
+            else f"{err['loc'][0]}: no such parameter; the parameters are {', '.join(cls.model_fields)}"
             for err in e.errors()
         ]
         raise ValueError(f"{where}: {'; '.join(problems)}") from None
@@ -90,7 +90,7 @@ class ModelSpec:
     fit_final: Callable[..., ModelBase] | None = None
     complete: Callable[..., Any] | None = None
     key_params: tuple[str, ...] = ()
-    experiment: str = "candidates"
+    experiment: str = "study"
     served: bool = True
 
     @property

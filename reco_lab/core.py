@@ -86,8 +86,7 @@ class Settings(BaseSettings):
     blas_coretype: str = Field(
         "Haswell", description="OpenBLAS kernel pinned for the same bits on every machine (empty: OpenBLAS chooses)"
     )
-    experiment_candidates: str = Field("candidates", description="MLflow experiment of the candidate runs")
-    experiment_ranker: str = Field("ranker", description="MLflow experiment of the ranker runs")
+    experiment_study: str = Field("study", description="MLflow experiment of every model's runs")
     experiment_tuning: str = Field("tuning", description="MLflow experiment of the tuning searches")
     pg_bin: Path | None = Field(None, description="PostgreSQL's server binaries for the stack (default: found)")
     s3_endpoint_url: str = Field("", description="an S3 endpoint of yours for the stack (default: SeaweedFS here)")

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['setup', 'complete_with_popular', 'recommend', 'served_lists', 'score', 'eval_curve', 'evaluate_folds',
-           'log_final_model', 'data_checksum', 'dataset_source', 'log_data', 'log_splits', 'model_config',
+           'log_final_model', 'data_checksum', 'dataset_source', 'log_data', 'log_splits', 'model_config', 'describe',
            'run_experiment', 'run_model']
 
 # %% ../nbs/06_experiment.ipynb #d84d2a68
@@ -200,6 +200,19 @@ def model_config(model: ModelBase) -> dict[str, Any]:
         return config
 
 # %% ../nbs/06_experiment.ipynb #5c0a655d
+def describe(spec: ModelSpec, data: RecoData, study: StudySpec, splits: Splits, source: str) -> str:
+    "A run's description for MLflow's run page: what ran, on what, what chose its params, what its metrics are."
+    relevance = f"rated at least {study.min_rating:g}" if study.min_rating else "every held-out interaction"
+    kind = "a quick study (two folds, few epochs; never compared with full runs)" if study.quick else "a full study"
+    return (
+        f"**{spec.name}** ({spec.notebook}) on {data.name}, protocol `{study.protocol}`, relevant: {relevance}; "
+        f"{kind}, `{study.study_id or 'no study id'}`.\n\n"
+        f"Params: {'tuned on the validation folds, ' + source if source != 'defaults' else 'the defaults'} "
+        f"(with any overrides of the run). `val_` metrics: {len(splits.validation)} validation folds, before the first "
+        f"test period, which every choice reads. The other metrics: {len(splits.test)} test folds, read only to report."
+    )
+
+
 @delegates(tracked_run, but=["model", "params", "dataset", "protocol", "experiment", "key_params", "study_id", "quick"])
 def run_experiment(
     spec: ModelSpec,
@@ -222,6 +235,7 @@ def run_experiment(
     }
     run_params = {**params.logged(), "n_folds": len(splits)}
     options = {"experiment": spec.experiment, "key_params": spec.key_params, "notebook": f"{spec.notebook}.ipynb"}
+    options["description"] = describe(spec, data, study, splits, params_source(spec, data.name))
     options |= {"study_id": study.study_id, "quick": study.quick, **kwargs}
     with tracked_run(
         spec.name, run_params, dataset=data.name, protocol=study.protocol, tags=all_tags, **options

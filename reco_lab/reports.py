@@ -47,8 +47,7 @@ def study_runs(
     "Finished candidate and ranker runs of one study (default: the latest full study), best validation score first."
     relevance = None if min_rating is None else f"{min_rating:g}"
     found = (
-        search_runs(kind, dataset=dataset, protocol=protocol, min_rating=relevance, uri=uri)
-        for kind in ("candidates", "ranker")
+        search_runs(kind, dataset=dataset, protocol=protocol, min_rating=relevance, uri=uri) for kind in ("study",)
     )
     frames = [f for f in found if len(f)]
     runs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -203,6 +202,13 @@ def write_reports(
     champion = champion_run_id(study)
     if run and study.quick and len(runs):  # a quick study's champion is its own best, never registered
         champion = runs.iloc[0]["run_id"]
+    if runs.empty:  # never write "no runs" over committed reports
+        where = display_uri(tracking_uri())
+        raise ValueError(
+            f"no finished {'quick ' if study.quick else ''}study of {study.dataset} (protocol {study.protocol}"
+            f"{f', min_rating {study.min_rating:g}' if study.min_rating else ''}) in the MLflow store {where}: "
+            f"nothing to report, {reports} is left as it is"
+        )
     board = leaderboard(with_champion(runs, champion), champion)
     lines = [f"# Leaderboard: {study.dataset}, protocol `{study.protocol}`", "", *study_header(run, runs, study)]
     if folds_table is not None:

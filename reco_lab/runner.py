@@ -11,7 +11,6 @@ __all__ = ['CHAMPION_NOTEBOOK', 'STUDY', 'Job', 'StudyFailed', 'nbs_dir', 'parse
 import reco_lab.core  # noqa: F401
 
 import ast
-import functools
 import itertools
 import tempfile
 import time
@@ -175,7 +174,7 @@ def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int
     "Log an executed notebook's HTML to the runs of the study it made (`notebook` None: to all of them)."
     client = check_tracking()
     count = 0
-    for experiment in ("candidates", "ranker", "tuning"):
+    for experiment in ("study", "tuning"):
         runs = search_runs(
             experiment, study_id=study_id, **({"mlflow.source.name": f"{notebook}.ipynb"} if notebook else {})
         )
@@ -252,7 +251,8 @@ def run_study(
     relevance = f", relevant: rating >= {study.min_rating:g}" if study.min_rating else ""
     log(
         f"study {study.study_id}: {len(jobs)} notebooks on {study.dataset} ({study.protocol}"
-        f"{', quick' if study.quick else ''}{relevance}), tracking {client.tracking_uri}, output {out}, reports {reports}"
+        f"{', quick' if study.quick else ''}{relevance}), tracking {client.tracking_uri}, output {out}, "
+        f"reports {reports}"
     )
     start, done = time.perf_counter(), []
     for i, job in enumerate(jobs, 1):

@@ -99,13 +99,17 @@ def popular_topk(
 
 # %% ../nbs/04_scoring.ipynb #e0f8f535
 def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
-    "User and item factors whose dot product is the model's score (ALS, LightFM with biases), or None."
+    "User and item factors whose dot product is the model's score (ALS, LightFM with biases, any DOT VectorModel)."
     from rectools.models import ImplicitALSWrapperModel, LightFMWrapperModel
+    from rectools.models.rank import Distance
+    from rectools.models.vector import VectorModel
 
     if isinstance(model, ImplicitALSWrapperModel):
         users, items = model.get_vectors()
     elif isinstance(model, LightFMWrapperModel):
         users, items = model.get_vectors(dataset)
+    elif isinstance(model, VectorModel) and model.u2i_dist == Distance.DOT:
+        users, items = model._get_u2i_vectors(dataset)  # any other dot-product model of rectools (PureSVD, ...)
     else:
         return None
     return np.ascontiguousarray(users, dtype=np.float32), np.ascontiguousarray(items, dtype=np.float32)

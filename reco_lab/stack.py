@@ -34,7 +34,7 @@ import psutil
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .core import answers_ok, console_script, project_root, settings
+from .core import answers_ok, console_script, settings
 
 from .core import free_port  # noqa: F401  (also used by the tests through this module)
 

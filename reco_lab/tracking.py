@@ -13,7 +13,6 @@ import reco_lab.core  # noqa: F401
 
 import getpass
 import math
-import os
 import pickle
 import subprocess
 import tempfile
@@ -37,7 +36,7 @@ from .core import settings
 from .evaluation import MAIN_METRIC
 
 # %% ../nbs/03_tracking.ipynb #7428e3a1
-EXPERIMENTS = {"candidates": "candidates", "ranker": "ranker", "tuning": "tuning"}
+EXPERIMENTS = {"study": "study", "tuning": "tuning"}  # every model of a study in one table; the searches apart
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -56,12 +55,12 @@ def tracking_uri() -> str:
 
 # %% ../nbs/03_tracking.ipynb #5a10584e
 def experiment_name(kind: str) -> str:
-    "Experiment for `candidates`, `ranker` or `tuning` runs; `RECO_LAB_EXPERIMENT_<KIND>` overrides the name."
+    "Experiment of the `study` runs (every model) or the `tuning` searches; `RECO_LAB_EXPERIMENT_<KIND>` renames it."
     return getattr(settings(), f"experiment_{kind}", "") or EXPERIMENTS.get(kind, kind)
 
 # %% ../nbs/03_tracking.ipynb #b49e8cf7
-def check_tracking(uri: str | None = None, timeout: float = 5.0) -> MlflowClient:
-    "A client for `uri` once the store answers; TrackingUnavailable with the reason otherwise."
+def check_tracking(uri: str | None = None, timeout: float = 5.0, *, create: bool = True) -> MlflowClient:
+    "A client for `uri` once the store answers (a new embedded store only with `create`); else TrackingUnavailable."
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://")):
         try:
@@ -75,7 +74,13 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0) -> MlflowClient
                 "(`reco-lab tracking up`) or unset MLFLOW_TRACKING_URI to use the embedded store"
             ) from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not create and not path.is_file():  # a command that only reads: a mistyped path must not make a store
+            raise TrackingUnavailable(
+                f"no MLflow store at {path}: nothing to read there. Run a study first (make run) or point "
+                "MLFLOW_TRACKING_URI at the store that holds it"
+            )
+        folder = path.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -104,9 +109,18 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 # %% ../nbs/03_tracking.ipynb #2a574fc3
+def _short(value: Any) -> str:
+    "A param value for a run name: numbers to 3 significant digits."
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{number:.3g}" if not float(number).is_integer() else str(int(number))
+
+
 def run_name(model: str, params: dict[str, Any], key_params: tuple[str, ...] = (), now: datetime | None = None) -> str:
-    "`<model>_<key param values>-<timestamp>`, e.g. `als_64-20261126-101500`."
-    keys = "_".join(str(params[k]) for k in key_params if k in params)
+    "`<model>_<name>=<value>...-<timestamp>`, e.g. `als_factors=64-20261126-101500`, `ease_regularization=2.46e+03-…`."
+    keys = "_".join(f"{k}={_short(params[k])}" for k in key_params if k in params)
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"{model}_{keys}-{stamp}" if keys else f"{model}-{stamp}"
 
@@ -200,8 +214,8 @@ class Run:
     def log_summary(self) -> dict[str, float]:
         "Log the mean and std of every per-fold metric (fit time included); return them."
         summary = mean_and_std(self.per_fold)
-        step, now = max(len(self.per_fold) - 1, 0), int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in summary.items()])
+        now = int(time.time() * 1000)  # a summary has no fold: step 0 (the `<metric>_by_fold` curves keep theirs)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
         return summary
 
 # %% ../nbs/03_tracking.ipynb #c270da5f
@@ -255,8 +269,9 @@ def tracked_run(
     *,
     dataset: str,
     protocol: str,
-    experiment: str = "candidates",
+    experiment: str = "study",
     key_params: tuple[str, ...] = (),
+    description: str = "",
     notebook: str | None = None,
     study_id: str = "",
     quick: bool = False,
@@ -270,7 +285,9 @@ def tracked_run(
     name = run_name(model, all_params, key_params)
     extra = {"study_id": study_id, "quick": quick, "notebook": notebook, "parent_run_id": parent_run_id, "tags": tags}
     experiment_id = get_experiment_id(client, experiment_name(experiment))
-    all_tags = run_tags(model, dataset, protocol, **extra)
+    all_tags = run_tags(model, dataset, protocol, **extra) | (
+        {"mlflow.note.content": description} if description else {}
+    )
     run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in all_params.items()])
     active = Run(client, run_id, name, EpochLogger(client, run_id))
@@ -307,7 +324,7 @@ def runs_frame(runs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/03_tracking.ipynb #9f39ba01
-def search_runs(experiment: str = "candidates", *, uri: str | None = None, **tags: str | None) -> pd.DataFrame:
+def search_runs(experiment: str = "study", *, uri: str | None = None, **tags: str | None) -> pd.DataFrame:
     "Finished runs of an experiment whose tags equal `tags` (None: any), oldest first, through the client."
     client = check_tracking(uri)
     found = client.get_experiment_by_name(experiment_name(experiment))
@@ -354,7 +371,7 @@ def champion_alias(protocol: str, default_protocol: str, min_rating: float = 0) 
 
 # %% ../nbs/03_tracking.ipynb #ddad2f21
 def comparable_runs(
-    experiments: tuple[str, ...] = ("candidates", "ranker"),
+    experiments: tuple[str, ...] = ("study",),
     *,
     dataset: str,
     protocol: str,

@@ -59,7 +59,7 @@ def runs_by_model(folder: Path) -> tuple[MlflowClient, dict]:
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     runs = {}
     for experiment in client.search_experiments():
-        if experiment.name in ("candidates", "ranker"):
+        if experiment.name == "study":
             for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"):
                 runs[run.data.tags["model"]] = run
     return client, runs

@@ -76,7 +76,7 @@ def finished_runs(client, quick: bool | None = True):
     "Finished candidate and ranker runs (of the quick study by default; None: all)."
     runs = []
     for exp in client.search_experiments():
-        if exp.name in ("candidates", "ranker"):
+        if exp.name == "study":
             runs += client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
     return [r for r in runs if quick is None or r.data.tags["quick"] == str(quick).lower()]
 
@@ -92,7 +92,7 @@ def test_rows_land_in_postgres_and_artifacts_in_the_bucket(study, tracking_stack
     runs = query(
         tracking_stack, "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id)"
     )
-    assert {name for _, _, name in runs} >= {"candidates", "ranker"}
+    assert {name for _, _, name in runs} >= {"study"}
     finished = [rid for rid, status, _ in runs if status == "FINISHED"]
     params = query(tracking_stack, "SELECT count(*) FROM params WHERE run_uuid = ANY(%s)", finished)[0][0]
     steps = query(

@@ -29,7 +29,7 @@ from rectools.models.ranking import (
 from pydantic import BaseModel, ConfigDict, Field
 from rectools.models.ranking.candidate_ranking import NegativeSamplerBase
 
-from ..candidates import candidate
+from ..candidates import CANDIDATES, candidate
 from ..contract import ModelSpec, Params, StudySpec
 from ..data import RecoData
 from ..evaluation import Fold, Splits, make_splitter, split_id
@@ -64,7 +64,6 @@ def choose_first_stage(study: StudySpec, split: str, *, uri: str | None = None) 
     "The study's comparable candidate run with the best validation MAP@10, as a first stage."
     runs = rank_runs(
         comparable_runs(
-            ("candidates",),
             dataset=study.dataset,
             protocol=study.protocol,
             split=split,
@@ -73,6 +72,7 @@ def choose_first_stage(study: StudySpec, split: str, *, uri: str | None = None) 
             uri=uri,
         )
     )
+    runs = runs[runs["tags.model"].isin([spec.name for spec in CANDIDATES])] if len(runs) else runs
     if runs.empty:
         raise NoCandidateRuns(
             f"no finished {'quick ' if study.quick else ''}candidate runs for dataset {study.dataset!r}, protocol "
@@ -512,7 +512,8 @@ def with_first_stage(p: RankerParams, study: StudySpec, splits: Splits) -> Ranke
         spec = candidate(first.model)
         first = first.model_copy(update={"params": resolve_params(spec, study.dataset).model_dump(mode="json")})
     print(
-        f"first stage: {first.model} (run {first.run_id or '-'}, validation map_at_10 {first.val_map_at_10 or float('nan'):.4f})"
+        f"first stage: {first.model} (run {first.run_id or '-'}, "
+        f"validation map_at_10 {first.val_map_at_10 or float('nan'):.4f})"
     )
     return p.model_copy(update={"first_stage": first})
 
@@ -537,7 +538,6 @@ RANKER = ModelSpec(
     fit_final=fit_final,
     complete=with_first_stage,
     key_params=("n_candidates",),
-    experiment="ranker",
 )
 
 # %% ../../nbs/18_ranker.ipynb #07ddaf96
