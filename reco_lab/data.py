@@ -11,6 +11,7 @@ __all__ = ['ML100K_WHEEL', 'ML100K_MEMBER', 'ML100K_SHA256', 'KION_COLUMNS', 'KI
 # %% ../nbs/01_data.ipynb #f49b3cc0
 import reco_lab.core  # noqa: F401  (single-threaded BLAS before numpy loads)
 
+import csv
 import shutil
 import subprocess
 import sys
@@ -246,11 +247,26 @@ KION_USER_FEATURES = ["age", "income", "sex", "kids_flg"]
 KION_ITEM_FEATURES = ["content_type", "genres", "countries", "for_kids", "age_rating", "release_decade"]
 
 # %% ../nbs/01_data.ipynb #da20e489
+def _file_line(file: Path, row: int) -> int:
+    "The line of `file` where data row `row` starts (0: the first after the header), skipping blank lines as pandas."
+    with open(file, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        records = -1  # the header is record -1
+        while True:
+            start = reader.line_num + 1
+            fields = next(reader, None)
+            if fields is None:
+                return row + 2
+            if fields:
+                if records == row:
+                    return start
+                records += 1
+
+
 def _bad_row(file: Path, column: str, raw: pd.Series, bad: pd.Series, what: str) -> DataError:
     i = int(np.flatnonzero(bad.to_numpy())[0])
-    return DataError(
-        f"{file}: column {column!r}, line {i + 2}: {raw.iloc[i]!r} {what} ({int(bad.sum())} bad rows in all)"
-    )
+    where = f"{file}: column {column!r}, line {_file_line(file, i)}"
+    return DataError(f"{where}: {raw.iloc[i]!r} {what} ({int(bad.sum())} bad rows in all)")
 
 # %% ../nbs/01_data.ipynb #873a6085
 def _beyond_int64(raw: pd.Series, values: pd.Series) -> pd.Series:
@@ -276,6 +292,8 @@ def _parse_numbers(
         raise _bad_row(file, column, raw, bad, "is not a finite number")
     if integer and values.dtype.kind == "f" and (bad := (values % 1 != 0) & values.notna()).any():
         raise _bad_row(file, column, raw, bad, "is not an integer")
+    if integer and (bad := ~empty & ~raw.astype(str).str.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*")).any():
+        raise _bad_row(file, column, raw, bad, "is not written as an integer (exponent notation)")
     if integer and (bad := _beyond_int64(raw, values)).any():
         raise _bad_row(file, column, raw, bad, "does not fit a 64-bit integer")
     if non_negative and (bad := values < 0).any():
@@ -293,6 +311,10 @@ def _read_kion_file(folder: Path, name: str) -> pd.DataFrame:
         raise DataError(f"{path} is not a readable CSV file: {e}") from None
     except OSError as e:
         raise DataError(f"{path} cannot be read: {e.strerror or e}") from None
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    if twice := sorted({c for c in header if header.count(c) > 1}):
+        raise DataError(f"{path}: column(s) {', '.join(map(repr, twice))} appear more than once in the header")
     if missing := [c for c in KION_COLUMNS[name] if c not in frame.columns]:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")
     if frame.empty:
@@ -320,6 +342,9 @@ def _dates(file: Path, frame: pd.DataFrame, column: str) -> pd.Series:
     dates = pd.to_datetime(frame[column], format="%Y-%m-%d", errors="coerce")
     if (bad := dates.isna()).any():
         raise _bad_row(file, column, frame[column], bad, "is not a date (YYYY-MM-DD)")
+    today = pd.Timestamp.now(tz="UTC").tz_localize(None).normalize()
+    if (bad := dates > today).any():
+        raise _bad_row(file, column, frame[column], bad, f"is in the future (after {today:%Y-%m-%d})")
     return dates
 
 # %% ../nbs/01_data.ipynb #a71d1c54

@@ -6,9 +6,10 @@
 __all__ = ['ALL_MODELS', 'UNKNOWN_MODEL', 'WRK_SCRIPT', 'RPS_TARGET', 'P99_TARGET', 'serve_command', 'LiveService',
            'ServiceFailed', 'wait_until_up', 'stop_process', 'live_service', 'SentrySink', 'Load', 'warm_paths',
            'target_paths', 'parse_duration_ms', 'parse_wrk', 'run_wrk', 'run_asyncio', 'load_tool', 'run_load',
-           'Variant', 'served_stack', 'variants', 'Comparison', 'comparisons', 'measured_load', 'target_summary',
-           'comparison_row', 'Bench', 'start_variants', 'bench_rounds', 'export_facts', 'bench_meta', 'bench_service',
-           'served_section', 'side_by_side_section', 'bench_report', 'add_load_options', 'bench_parser', 'main']
+           'bare_asgi', 'serve_bare', 'bare_command', 'granian_command', 'Variant', 'served_stack', 'variants',
+           'Comparison', 'comparisons', 'process_cpu', 'measured_load', 'target_summary', 'comparison_row', 'Bench',
+           'start_variants', 'bench_rounds', 'export_facts', 'bench_meta', 'bench_service', 'served_section',
+           'side_by_side_section', 'bench_report', 'add_load_options', 'bench_parser', 'main']
 
 # %% ../../nbs/51_service_bench.ipynb #599e4f95
 import reco_lab.core  # noqa: F401
@@ -29,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,7 @@ import psutil
 
 from ..core import console_script, free_port, project_root
 from ..export import Export, load_export, models_dir
+from .app import reco_body
 from .server import server_stack
 from .settings import FAILING_MULTIPLE, Settings
 
@@ -107,15 +109,16 @@ def live_service(
     log: str | Path | None = None,
     startup_timeout: float = 60.0,
     open_files: int | None = None,
+    command: Callable[[int], list[str]] | None = None,
 ) -> Iterator[LiveService]:
-    "`reco-lab serve` on a free port until the block ends (at most `open_files` descriptors); ServiceFailed if not up."
+    "`reco-lab serve` (or `command(port)`) on a free port until the block ends; ServiceFailed if not up."
     port = free_port()
     log = Path(log) if log else Path(tempfile.mkdtemp(prefix="reco-lab-serve-")) / "serve.log"
     folder = ("--models-dir", str(models_dir)) if models_dir is not None else ()  # None: from RECO_LAB_MODEL_URI
     limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
     environ = {**os.environ, "SENTRY_DSN": "", **(env or {})}
     with open(log, "wb") as out:
-        command = serve_command("--port", str(port), *folder, *args)
+        command = command(port) if command else serve_command("--port", str(port), *folder, *args)
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environ, preexec_fn=limit)
     service = LiveService(f"http://127.0.0.1:{port}", process, log)
     try:
@@ -342,16 +345,78 @@ def run_load(
     runner = run_wrk if load_tool(tool) == "wrk" else run_asyncio
     return runner(url, paths, seconds, connections, target or paths[0])
 
+# %% ../../nbs/51_service_bench.ipynb #9f09ccac
+def bare_asgi(body: bytes):
+    "An ASGI app answering every HTTP request with `body` as JSON, and nothing else."
+    start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")],
+    }
+    message = {"type": "http.response.body", "body": body}
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send(start)
+            await send(message)
+
+    return app
+
+
+def serve_bare(port: int, body: str) -> None:
+    "Run `bare_asgi(body)` on uvicorn with the service's server options (parser, loop, limits), as `reco-lab serve`."
+    import uvicorn
+
+    from reco_lab.service.server import uvicorn_options
+
+    options = uvicorn_options(Settings())
+    uvicorn.run(bare_asgi(body.encode()), host="127.0.0.1", port=port, log_level="warning", lifespan="off", **options)
+
+
+def bare_command(body: bytes, server: str = "uvicorn") -> Callable[[int], list[str]]:
+    "The command line (for a port) of the bare app on `server`: uvicorn as the service runs it, or granian."
+    if server == "granian":
+        code = f"from reco_lab.service.bench import bare_asgi; app = bare_asgi({body!r})"
+        module = Path(tempfile.mkdtemp(prefix="reco-lab-bare-")) / "bare_app.py"
+        module.write_text(code + "\n")
+        return lambda port: granian_command(port, "bare_app:app", str(module.parent))
+    call = "from reco_lab.service.bench import serve_bare; serve_bare(%d, " + repr(body.decode()) + ")"
+    return lambda port: [sys.executable, "-c", call % port]
+
+
+def granian_command(port: int, target: str = "reco_lab.service.app:app", path: str = ".") -> list[str]:
+    "granian serving the ASGI app `target` on one worker with uvloop, as one uvicorn worker runs."
+    return [
+        console_script("granian"),
+        "--interface",
+        "asgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--loop",
+        "uvloop",
+        "--no-ws",
+        "--log-level",
+        "warning",
+        "--working-dir",
+        path,
+        target,
+    ]
+
 # %% ../../nbs/51_service_bench.ipynb #d777a034
 @dataclass(eq=False)  # hashable by identity: the benchmark keys its services by variant
 class Variant:
-    "One configuration of the live service: name, targets loaded on it, extra environment, `reco-lab serve` flags."
+    "One configuration: name, targets loaded on it, extra environment, `reco-lab serve` flags or another command."
 
     name: str
     targets: tuple[str, ...]
     env: dict = field(default_factory=dict)
     args: tuple[str, ...] = ()
     sink: bool = False  # Sentry on, to a local sink of its own
+    command: Callable[[int], list[str]] | None = None  # instead of `reco-lab serve`, for a port
 
 
 def served_stack() -> str:
@@ -360,7 +425,7 @@ def served_stack() -> str:
 
 
 def variants(export: Export, compare: bool = True) -> list[Variant]:
-    "The served configuration, then (if `compare`) Sentry on, every event sent, the ASGI integrations, the other stack."
+    "The served configuration, then (if `compare`) Sentry, the other stack, a bare ASGI app, granian if installed."
     served = Variant("served", ("/health", *(f"/reco/{m}" for m in export.models), ALL_MODELS))
     if not compare:
         return [served]
@@ -374,6 +439,12 @@ def variants(export: Export, compare: bool = True) -> list[Variant]:
         found.append(Variant("h11", ("/health", ALL_MODELS), args=("--http", "h11")))
     elif server_stack("auto")[0] == "httptools":  # served on h11 by choice, httptools installed
         found.append(Variant("httptools", ("/health", ALL_MODELS), args=("--http", "httptools")))
+    user = int(export.users[0])
+    body = reco_body(user, export.recommend(export.models[0], user, Settings().k_recs))
+    found.append(Variant("bare ASGI", (ALL_MODELS,), command=bare_command(body)))
+    if shutil.which(console_script("granian")):
+        found.append(Variant("granian", ("/health", ALL_MODELS), command=granian_command))
+        found.append(Variant("bare ASGI, granian", (ALL_MODELS,), command=bare_command(body, "granian")))
     return found
 
 # %% ../../nbs/51_service_bench.ipynb #4161a656
@@ -392,7 +463,7 @@ def comparisons(stack: str) -> list[Comparison]:
     fast, slow = ("served", "h11") if stack == "httptools" else ("httptools", "served")
     sentry, asgi, every = "sentry", "sentry + ASGI integrations", "sentry, every event"
     return [
-        Comparison("legitimate /reco, Sentry on vs off", (sentry, ALL_MODELS), ("served", ALL_MODELS), 0.8),
+        Comparison("legitimate /reco, Sentry on vs off", (sentry, ALL_MODELS), ("served", ALL_MODELS), 0.9),
         Comparison("/health, Sentry on vs off", (sentry, "/health"), ("served", "/health")),
         Comparison("unknown model vs /health, Sentry on", (sentry, UNKNOWN_MODEL), (sentry, "/health"), 0.5),
         Comparison("unknown model, every event sent vs throttled", (every, UNKNOWN_MODEL), (sentry, UNKNOWN_MODEL)),
@@ -400,21 +471,34 @@ def comparisons(stack: str) -> list[Comparison]:
         Comparison("/health, Sentry's ASGI integrations on vs off", (asgi, "/health"), (sentry, "/health")),
         Comparison("legitimate /reco, httptools+uvloop vs h11+asyncio", (fast, ALL_MODELS), (slow, ALL_MODELS)),
         Comparison("/health, httptools+uvloop vs h11+asyncio", (fast, "/health"), (slow, "/health")),
+        Comparison(
+            "legitimate /reco vs a bare ASGI app, same JSON, same server",
+            ("served", ALL_MODELS),
+            ("bare ASGI", ALL_MODELS),
+        ),
+        Comparison("legitimate /reco, granian vs uvicorn", ("granian", ALL_MODELS), ("served", ALL_MODELS)),
+        Comparison("/health, granian vs uvicorn", ("granian", "/health"), ("served", "/health")),
+        Comparison("bare ASGI app, granian vs uvicorn", ("bare ASGI, granian", ALL_MODELS), ("bare ASGI", ALL_MODELS)),
     ]
 
 # %% ../../nbs/51_service_bench.ipynb #2f6111d7
+def process_cpu(pid: int) -> float:
+    "CPU seconds (user + system) of process `pid` and its live children (granian's worker is a child)."
+    process = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+
+
 def measured_load(
     service: LiveService, paths: list[str], seconds: float, connections: int, target: str, tool: str
 ) -> Load:
     "`run_load` on `service`, with the CPU time its worker spent per request (`cpu_ms`)."
-    worker = psutil.Process(service.pid)
-    before = sum(worker.cpu_times()[:2])
+    before = process_cpu(service.pid)
     load = run_load(service.url, paths, seconds, connections, target, tool)
-    load.cpu_ms = (sum(worker.cpu_times()[:2]) - before) / max(load.requests, 1) * 1000
+    load.cpu_ms = (process_cpu(service.pid) - before) / max(load.requests, 1) * 1000
     return load
 
 # %% ../../nbs/51_service_bench.ipynb #7f2259b3
-RPS_TARGET = 0.8  # every /reco: at least this share of /health's throughput, in the same round
+RPS_TARGET = 0.9  # every /reco: at least this share of /health's throughput, in the same round
 P99_TARGET = 2.0  # and a p99 latency at most this multiple of /health's
 
 
@@ -504,7 +588,9 @@ def start_variants(stack: ExitStack, folder: Path, export: Export, compare: bool
         if v.sink:
             sinks[v.name] = stack.enter_context(SentrySink(keep=False))
             env |= {"SENTRY_DSN": sinks[v.name].dsn, "SENTRY_ENVIRONMENT": "bench"}
-        services[v] = stack.enter_context(live_service(folder, env=env, args=v.args, log=logs / f"{v.name}.log"))
+        env |= {"RECO_LAB_MODELS_DIR": str(folder)} if v.command else {}  # granian's app reads it
+        log = logs / f"{v.name}.log"
+        services[v] = stack.enter_context(live_service(folder, env=env, args=v.args, log=log, command=v.command))
     return services, sinks
 
 
@@ -607,7 +693,7 @@ def served_section(bench: Bench) -> list[str]:
         "",
         shown.reset_index().to_markdown(index=False),
         "",
-        f"{rss} (export on disk: {bench.export_mb:.1f} MB, memory-mapped).",
+        f"{rss} (export on disk: {bench.export_mb:.1f} MB, read into memory).",
         "",
         f"Target: every `/reco` at least {RPS_TARGET:g}x the throughput of `/health` and at most {P99_TARGET:g}x "
         "its p99. The throughput ratio is judged on `cpu_vs_health`, /health's CPU time per request over the "
