@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['PROTOCOL_NOTES', 'FOLDS_NOTE', 'MODELS_NOTE', 'study_runs', 'fold_values', 'leaderboard', 'champion_run_id',
            'with_champion', 'display_uri', 'reports_folder', 'study_header', 'notebook_links', 'write_reports',
-           'results_markdown', 'comparison_markdown']
+           'results_markdown', 'comparison_markdown', 'verdict_markdown', 'notebook_map']
 
 # %% ../nbs/41_reports.ipynb #2621787f
 import reco_lab.core  # noqa: F401
 
 import html
+import re
 import shutil
 from pathlib import Path
 
@@ -253,6 +254,14 @@ table{{border-collapse:collapse}}td,th{{padding:4px 8px;border-bottom:1px solid 
     )
 
 # %% ../nbs/41_reports.ipynb #7df11efb
+def _board(reports_dir: str | Path | None) -> pd.DataFrame:
+    "A committed `leaderboard.csv`, every cell a string as written."
+    path = Path(reports_dir or project_root() / "reports") / "leaderboard.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the full study (make run) first")
+    return pd.read_csv(path, dtype=str).fillna("")
+
+
 def results_markdown(
     reports_dir: str | Path | None = None,
     columns: tuple[str, ...] = (
@@ -265,10 +274,7 @@ def results_markdown(
     ),
 ) -> str:
     "The results table of a committed `leaderboard.csv` as markdown (the README's: quality numbers only, no timings)."
-    path = Path(reports_dir or project_root() / "reports") / "leaderboard.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the full study (make run) first")
-    board = pd.read_csv(path, dtype=str).fillna("")
+    board = _board(reports_dir)
     return board[[c for c in columns if c in board]].to_markdown(index=False, disable_numparse=True)
 
 # %% ../nbs/41_reports.ipynb #42aae31f
@@ -289,3 +295,44 @@ def comparison_markdown(before: str | Path, after: str | Path, labels: tuple[str
     ]
     order = ["model"] + [f"{c} ({x})" for c in columns for x in labels] + ["test change"]
     return both[order].to_markdown(index=False, disable_numparse=True)
+
+# %% ../nbs/41_reports.ipynb #dda8e772
+def _interval(text: str) -> tuple[float, float, float] | None:
+    "`+0.0003 [-0.0013, +0.0018]` -> (0.0003, -0.0013, 0.0018); None for the champion's `—`."
+    numbers = re.findall(r"[-+]?\d+\.\d+", text)
+    return tuple(float(n) for n in numbers) if len(numbers) == 3 else None
+
+
+def verdict_markdown(reports_dir: str | Path | None = None) -> str:
+    "The champion of a committed leaderboard and how it stands against every other model on the test, in words."
+    board = _board(reports_dir)
+    champion = board[board["model"].str.contains(r"\(champion", regex=True)].iloc[0]
+    name = champion["model"].split(" (")[0]
+    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
+    for _, row in board.drop_duplicates("model").iterrows():
+        if (found := _interval(row["Δ vs champion [95% CI]"])) is None or row["model"].startswith(name + " "):
+            continue
+        diff, low, high = found
+        side = "above" if high < 0 else "below" if low > 0 else "within"  # Δ is the other model minus the champion
+        groups[side].append(f"{row['model']} ({diff:+.4f} [{low:+.4f}, {high:+.4f}])")
+    say = lambda models: ", ".join(models) or "none"  # noqa: E731
+    return (
+        f"Validation chose **{name}** (validation MAP@{K} {champion[f'val MAP@{K}']}, "
+        f"test {champion[f'test MAP@{K}']}). "
+        f"On the test folds, its paired 95% interval lies above 0 against {say(groups['above'])}; it cannot be told "
+        f"apart from {say(groups['within'])}; it is worse than {say(groups['below'])} "
+        f"(each model's test MAP@{K} minus the champion's)."
+    )
+
+# %% ../nbs/41_reports.ipynb #b148f3f6
+def notebook_map(nbs: Path | None = None) -> str:
+    "A markdown table of the numbered notebooks: notebook, module, the summary line under its title."
+    import nbformat
+
+    rows = ["| notebook | module | what it owns |", "| --- | --- | --- |"]
+    for path in sorted((nbs or project_root() / "nbs").glob("[0-9]*.ipynb")):
+        cells = nbformat.read(path, as_version=4).cells
+        summary = next((line[1:].strip() for line in cells[0].source.splitlines() if line.startswith(">")), "")
+        module = next((c.source.split()[-1] for c in cells[:3] if c.source.startswith("#| default_exp")), "")
+        rows.append(f"| [`{path.stem}`](nbs/{path.name}) | `reco_lab.{module}` | {summary} |")
+    return "\n".join(rows)
