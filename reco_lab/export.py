@@ -53,11 +53,27 @@ def _readable_by_all(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 # %% ../nbs/21_export.ipynb #51ad87a8
-def _save(staging: Path, rel: str, array: np.ndarray, files: dict) -> None:
-    "Save `array` as `staging/rel` and record its sha256 and size in `files`."
+def _save_blocks(path: Path, lists) -> None:
+    "Write `lists` (shape, dtype, `blocks()` of rows in order) to `path`, byte for byte what `np.save` writes."
+    header = {"descr": np.lib.format.dtype_to_descr(lists.dtype), "fortran_order": False, "shape": tuple(lists.shape)}
+    rows = 0
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for block in lists.blocks():
+            f.write(np.ascontiguousarray(block, dtype=lists.dtype).data)
+            rows += len(block)
+    if rows != lists.shape[0]:
+        raise ValueError(f"{path.name}: {rows} rows were produced for a matrix of {lists.shape[0]}")
+
+
+def _save(staging: Path, rel: str, array, files: dict) -> None:
+    "Save `array` (or lists made block by block) as `staging/rel` and record its sha256 and size in `files`."
     path = staging / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+    if hasattr(array, "blocks"):
+        _save_blocks(path, array)
+    else:
+        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
     files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
 
 # %% ../nbs/21_export.ipynb #b0098cd1
@@ -98,11 +114,16 @@ def write_export(
         _save(staging, "seen_indptr.npy", indptr, files)
         _save(staging, "popular.npy", np.asarray(popular, dtype=np.int64), files)
         _save(staging, "seen_items.npy", seen_items.astype(_id_dtype(seen_items)), files)
-        for name, matrix in topk.items():  # one model's matrix in memory at a time (they may be memory-mapped)
-            matrix = np.asarray(matrix)
-            if matrix.ndim != 2 or matrix.shape[0] != len(users):
-                raise ValueError(f"topk[{name!r}] has shape {matrix.shape}, expected ({len(users)}, depth)")
-            _save(staging, f"{name}/topk.npy", (matrix if in_order else matrix[order]).astype(_id_dtype(matrix)), files)
+        for name, matrix in topk.items():  # one model's matrix in memory at a time, or one block of it
+            streamed = hasattr(matrix, "blocks")  # made block by block while written (reco_lab.precompute.Lists)
+            matrix = matrix if streamed else np.asarray(matrix)
+            if len(matrix.shape) != 2 or matrix.shape[0] != len(users) or (streamed and not in_order):
+                raise ValueError(
+                    f"topk[{name!r}] has shape {matrix.shape}, expected ({len(users)}, depth), users sorted"
+                )
+            if not streamed:
+                matrix = (matrix if in_order else matrix[order]).astype(_id_dtype(matrix))
+            _save(staging, f"{name}/topk.npy", matrix, files)
         manifest = {
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
