@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reco_lab.data import parse_dataset
     from reco_lab.evaluation import fold_summary, shared_interactions
     from reco_lab.experiment import setup
-    from reco_lab.reports import write_reports
+    from reco_lab.reports import headline_markdown, write_reports
     from reco_lab.runner import parse_grid, parse_only, plan, run_study, writable_dir
     from reco_lab.tracking import check_tracking
 
@@ -57,9 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"(user, item, time) triples shared by validation and test: {shared_interactions(splits)}", end="\n\n")
     run = run_study(study, only=only, grid=grid, output_dir=args.output_dir, reports_dir=args.reports_dir)
     board = write_reports(run, folds_table=folds_table)
-    print(f"study {run.spec.study_id} finished in {run.seconds / 60:.1f} min: notebooks and HTML in {run.output_dir}")
-    print(board.read_text(encoding="utf-8").split("## ALS")[0].rstrip())
-    print(f"leaderboard: {board}")
+    print(f"\nstudy {run.spec.study_id} finished in {run.seconds / 60:.1f} min\n")
+    print(headline_markdown(board.parent), end="\n\n")
+    print(f"leaderboard (with the details): {board}")
+    print(f"index with the rendered notebooks: {board.parent / 'index.html'}")
+    print(f"executed notebooks: {run.output_dir}")
+    if run.full and not run.spec.variant:
+        print("served export: models/ (reco-lab serve), champion: models:/reco_lab@champion in MLflow")
     return 0
 
 # %% ../nbs/60_cli.ipynb #a1d9610d
@@ -116,10 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     "The `reco-lab` argument parser."
     parser = argparse.ArgumentParser(prog="reco-lab", description="recommender-systems study, service and tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("summary", help="load a dataset and print its summary")
+    p = sub.add_parser(
+        "summary",
+        help="load a dataset and print its summary",
+        description="Load a dataset and print its size, time range and features.",
+    )
     p.add_argument("--dataset", default="ml-100k", help="ml-100k, kion:<dir> or synthetic:<n_users>")
     p.set_defaults(func=cmd_summary)
-    p = sub.add_parser("run", help="run the study (experiment notebooks through papermill), then the leaderboard")
+    p = sub.add_parser(
+        "run",
+        help="run the study (experiment notebooks through papermill), then the leaderboard",
+        description="Run every model's notebook and the champion through papermill, logging to MLflow, then write "
+        "the leaderboard. A full study (no --quick, --only or --grid) rewrites the committed reports/ "
+        "(reports/<variant>/ for another protocol or relevance), registers its champion in MLflow and, for the "
+        "headline study, replaces the served export models/; a quick or partial study writes its reports and export "
+        "into its own folder.",
+    )
     p.add_argument("--dataset", default="ml-100k", help="ml-100k, kion:<dir> or synthetic:<n_users>")
     p.add_argument(
         "--protocol", default="", help="last_n, next_n or time (default: last_n for ML-100k, time otherwise)"
@@ -149,13 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="count only held-out interactions rated at least this as relevant (default 0: all; ML-100k only)",
     )
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("leaderboard", help="rewrite reports/leaderboard.md from MLflow (the latest full study)")
+    p = sub.add_parser(
+        "leaderboard",
+        help="rewrite reports/leaderboard.md from MLflow (the latest full study)",
+        description="Rewrite a study's leaderboard, curves and index from what the MLflow store holds. Refuses, with "
+        "one line, when the store does not exist or holds no finished full study of the dataset and protocol.",
+    )
     p.add_argument("--dataset", default="ml-100k", help="the study's dataset (as given to run)")
     p.add_argument("--protocol", default="", help="the study's protocol (default: the dataset's)")
     p.add_argument("--reports-dir", help="where to write (default: reports/, or reports/<variant>/)")
     p.add_argument("--min-rating", type=float, default=0, help="the study's relevance threshold (as given to run)")
     p.set_defaults(func=cmd_leaderboard)
-    p = sub.add_parser("models", help="list the study's models with their params, defaults and descriptions")
+    p = sub.add_parser(
+        "models",
+        help="list the study's models with their params, defaults and descriptions",
+        description="List the study's models (19_models), each with its notebook and every param: default, meaning.",
+    )
     p.set_defaults(func=cmd_models)
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['BLAS_CORETYPE', 'K', 'limit_blas_threads', 'blas_kernels', 'project_root', 'Settings', 'settings', 'settings_table',
-           'env_flag', 'in_test', 'n_threads', 'free_port', 'answers_ok', 'console_script', 'sha256']
+           'env_flag', 'in_test', 'progress', 'n_threads', 'free_port', 'answers_ok', 'console_script', 'sha256']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import hashlib
@@ -141,6 +141,15 @@ def env_flag(name: str, default: bool = False) -> bool:
 def in_test() -> bool:
     "True while nbdev_test (or the test suite) runs the notebooks."
     return env_flag("IN_TEST")
+
+# %% ../nbs/00_core.ipynb #b5ce3949
+def progress(message: str) -> None:
+    "Tell `reco-lab run` what this notebook is doing now (one line), when it listens (`RECO_LAB_PROGRESS`)."
+    if path := os.environ.get("RECO_LAB_PROGRESS"):
+        target = Path(path)
+        partial = target.with_suffix(".partial")
+        partial.write_text(message, encoding="utf-8")
+        partial.replace(target)  # the runner never reads half a line
 
 # %% ../nbs/00_core.ipynb #04904452
 def n_threads() -> int:

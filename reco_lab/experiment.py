@@ -26,7 +26,7 @@ from rectools.dataset import Dataset
 from rectools.models.base import ModelBase
 
 from .contract import ModelSpec, StudySpec, params_source, resolve_params
-from .core import K, blas_kernels, in_test
+from .core import K, blas_kernels, in_test, progress
 from .data import RecoData, load_data
 from .evaluation import MAIN_METRIC, METRICS, Fold, Splits, fold_metrics, per_user_scores
 from .evaluation import shared_interactions, split_frames, split_id, study_splits, summarize
@@ -85,6 +85,7 @@ def eval_curve(run: Run, fold: Fold, model: ModelBase, dataset: Dataset, eval_ev
         return {}
 
     def on_eval(epoch: int) -> None:
+        progress(f"validation fold {fold.index + 1}, epoch {epoch}")
         run.curves.log(f"{SELECTION_METRIC}_fold_{fold.index}", score(model, dataset, fold), epoch)
 
     return {"eval_every": eval_every, "on_eval": on_eval}
@@ -96,11 +97,13 @@ def evaluate_folds(
     "Fit and score every validation fold, then (with `test`) every test fold; log each fold and the summary."
     per_fold, per_user = [{} for _ in splits.validation], []
     for fold in splits.validation:
+        progress(f"validation fold {fold.index + 1} of {len(splits.validation)}")
         model, dataset = fit(fold, run)
         reco = served_lists(model, dataset, fold)
         per_fold[fold.index] |= {f"val_{k}": v for k, v in fold_metrics(reco, fold).items()}
         per_user.append(per_user_scores(reco, fold))
     for fold in splits.test if test else []:
+        progress(f"test fold {fold.index + 1} of {len(splits.test)}")
         before = run.fit_time_s
         model, dataset = fit(fold, run)
         per_fold[fold.index]["fit_time_s"] = run.fit_time_s - before

@@ -4,14 +4,17 @@
 
 # %% auto #0
 __all__ = ['CHAMPION_NOTEBOOK', 'STUDY', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only', 'checked_value', 'plan',
-           'render_html', 'job_parameters', 'execute_job', 'attach_notebook', 'StudyRun', 'writable_dir', 'study_dirs',
-           'run_study']
+           'render_html', 'job_parameters', 'execute_job', 'attach_notebook', 'Heartbeat', 'timings_file', 'study_kind',
+           'previous_timings', 'save_timings', 'StudyRun', 'writable_dir', 'study_dirs', 'run_study']
 
 # %% ../nbs/40_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
 
 import ast
 import itertools
+import json
+import os
+import threading
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -183,6 +186,74 @@ def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int
             count += 1
     return count
 
+# %% ../nbs/40_runner.ipynb #6d98bcff
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class Heartbeat:
+    "Prints what the running notebook says it is doing, every `every` seconds, with elapsed time and an estimate."
+
+    def __init__(self, status: Path, log: Callable[[str], None], every: float = 30.0):
+        self.status, self.log, self.every = status, log, every
+        self._stop, self._thread = threading.Event(), None
+        self.label, self.started, self.expected = "", 0.0, None
+
+    def job(self, label: str, expected: float | None) -> None:
+        "Follow a new job, `expected` seconds long by the previous study (None: no estimate)."
+        self.status.unlink(missing_ok=True)
+        self.label, self.started, self.expected = label, time.perf_counter(), expected
+
+    def line(self) -> str:
+        "The progress line as it reads now."
+        elapsed = time.perf_counter() - self.started
+        doing = self.status.read_text(encoding="utf-8").strip() if self.status.exists() else "starting"
+        left = f", about {_minutes(self.expected - elapsed)} left" if self.expected and self.expected > elapsed else ""
+        return f"    {self.label}: {doing}, {_minutes(elapsed)}{left}"
+
+    def __enter__(self) -> "Heartbeat":
+        def beat() -> None:
+            while not self._stop.wait(self.every):
+                self.log(self.line())
+
+        self._thread = threading.Thread(target=beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+# %% ../nbs/40_runner.ipynb #d1794649
+def timings_file() -> Path:
+    "Where the last study of each kind left its notebooks' durations (git-ignored, this machine's)."
+    return project_root() / "reports" / "runs" / "timings.json"
+
+
+def study_kind(study: StudySpec) -> str:
+    return f"{study.dataset}|{study.variant or 'headline'}|{'quick' if study.quick else 'full'}"
+
+
+def previous_timings(study: StudySpec) -> dict[str, float]:
+    "Each notebook's seconds in the last study of the same kind here (empty: none yet)."
+    try:
+        return json.loads(timings_file().read_text(encoding="utf-8")).get(study_kind(study), {})
+    except (OSError, ValueError):
+        return {}
+
+
+def save_timings(study: StudySpec, seconds: dict[str, float]) -> None:
+    "Remember this study's notebooks' durations for the next one's estimates."
+    path = timings_file()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except ValueError:
+        known = {}
+    known[study_kind(study)] = seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=1), encoding="utf-8")
+
 # %% ../nbs/40_runner.ipynb #d779a707
 @dataclass
 class StudyRun:
@@ -254,12 +325,24 @@ def run_study(
         f"{', quick' if study.quick else ''}{relevance}), tracking {client.tracking_uri}, output {out}, "
         f"reports {reports}"
     )
-    start, done = time.perf_counter(), []
-    for i, job in enumerate(jobs, 1):
-        log(f"[{i}/{len(jobs)}] {job.label} ...")
-        t0 = time.perf_counter()
-        done.append(execute_job(job, out, i, study))
-        # every number a run holds links to the notebook that produced it; the champion's logs intervals to all runs
-        attach_notebook(done[-1].with_suffix(".html"), study.study_id, None if job.model is None else job.notebook)
-        log(f"[{i}/{len(jobs)}] {job.label} done in {time.perf_counter() - t0:.0f} s")
+    start, done, seconds, before = time.perf_counter(), [], {}, previous_timings(study)
+    status = out / "progress.txt"
+    os.environ["RECO_LAB_PROGRESS"] = str(status)  # the kernels papermill starts inherit it
+    try:
+        with Heartbeat(status, log) as beat:
+            for i, job in enumerate(jobs, 1):
+                left = sum(before.get(j.label, 0) for j in jobs[i - 1 :])
+                log(f"[{i}/{len(jobs)}] {job.label} ..." + (f" (about {_minutes(left)} left in all)" if left else ""))
+                beat.job(f"[{i}/{len(jobs)}] {job.label}", before.get(job.label))
+                t0 = time.perf_counter()
+                done.append(execute_job(job, out, i, study))
+                # every number a run holds links to the notebook that made it; the champion's logs intervals to all
+                attach_notebook(
+                    done[-1].with_suffix(".html"), study.study_id, None if job.model is None else job.notebook
+                )
+                seconds[job.label] = time.perf_counter() - t0
+                log(f"[{i}/{len(jobs)}] {job.label} done in {_minutes(seconds[job.label])}")
+    finally:
+        os.environ.pop("RECO_LAB_PROGRESS", None)
+    save_timings(study, seconds)
     return StudyRun(study, out, reports, done, time.perf_counter() - start, full)

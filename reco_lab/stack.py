@@ -719,7 +719,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", type=Path, default=None, help="state folder (default: RECO_LAB_STACK_DIR or .stack/)")
     sub = p.add_subparsers(dest="action", required=True)
-    up = sub.add_parser("up", help="start PostgreSQL, S3 and mlflow server (what is running is left alone)")
+    up_help = "start PostgreSQL, S3 and mlflow server (what is running is left alone)"
+    up = sub.add_parser("up", help=up_help, description=up_help[0].upper() + up_help[1:] + ".")
     up.add_argument("--port", type=int, default=None, help=f"MLflow's port (default {DEFAULT_PORT}; 0 = any free port)")
     up.add_argument("--host", default=None, help="interface MLflow binds to (default 127.0.0.1)")
     up.add_argument(
@@ -728,16 +729,26 @@ def parser() -> argparse.ArgumentParser:
         help="use this MinIO/S3 endpoint instead of a local SeaweedFS "
         "(default: RECO_LAB_S3_ENDPOINT_URL); keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
     )
-    up.add_argument("--s3-key", default=None)
-    up.add_argument("--s3-secret", default=None)
+    up.add_argument("--s3-key", default=None, help="the external endpoint's access key (default: AWS_ACCESS_KEY_ID)")
+    up.add_argument(
+        "--s3-secret", default=None, help="the external endpoint's secret key (default: AWS_SECRET_ACCESS_KEY)"
+    )
     up.add_argument("--bucket", default=None, help=f"artifact bucket (default {DEFAULT_BUCKET})")
     up.add_argument("--workers", type=int, default=None, help="mlflow server's worker processes (default 2)")
     up.add_argument(
         "--timeout", type=float, default=240, help="seconds to wait for mlflow server (first start migrates)"
     )
-    down = sub.add_parser("down", help="stop every process of the stack (data is kept)")
+    down = sub.add_parser(
+        "down",
+        help="stop every process of the stack (data is kept)",
+        description="Stop every process of the stack; its data is kept unless --purge.",
+    )
     down.add_argument("--purge", action="store_true", help="also delete the database, the bucket's data and the state")
-    sub.add_parser("status", help="show each piece; exit 0 when all answer, 3 otherwise")
+    sub.add_parser(
+        "status",
+        help="show each piece; exit 0 when all answer, 3 otherwise",
+        description="Show each piece of the stack and whether it answers; exit 0 when all do, 3 otherwise.",
+    )
     return p
 
 # %% ../nbs/50_stack.ipynb #bc2e00e2

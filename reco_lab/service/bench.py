@@ -749,7 +749,7 @@ def add_load_options(p: argparse.ArgumentParser, seconds: float, per: str) -> ar
     "`p` with the export, the seconds of load `per` target (default `seconds`), the connections and the load tool."
     p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
     p.add_argument("--seconds", type=float, default=seconds, help=f"load {per} (default {seconds:g})")
-    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--connections", type=int, default=16, help="concurrent connections of the load (default 16)")
     tools = {"choices": ["auto", "wrk", "asyncio"], "default": "auto"}
     p.add_argument("--tool", **tools, help="load generator (auto: wrk if installed)")
     return p
