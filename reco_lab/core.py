@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['BLAS_CORETYPE', 'K', 'limit_blas_threads', 'blas_kernels', 'project_root', 'Settings', 'settings', 'settings_table',
-           'env_flag', 'in_test', 'progress', 'n_threads', 'free_port', 'answers_ok', 'console_script', 'sha256']
+           'env_flag', 'in_test', 'progress', 'n_threads', 'free_port', 'answers_ok', 'console_script', 'shown',
+           'sha256']
 
 # %% ../nbs/00_core.ipynb #3bca72a7
 import hashlib
@@ -183,6 +184,13 @@ def console_script(name: str) -> str:
     "A console script of this Python environment (beside the interpreter), else from PATH, else the bare name."
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else shutil.which(name) or name
+
+# %% ../nbs/00_core.ipynb #496f508c
+def shown(path: str | Path) -> str:
+    "A path as reports and logs print it: relative to the checkout when inside it (no machine's folders in git)."
+    path = Path(path).expanduser().resolve()
+    home = project_root().resolve()
+    return path.relative_to(home).as_posix() if path.is_relative_to(home) else str(path)
 
 # %% ../nbs/00_core.ipynb #c088c36d
 def sha256(path: str | Path, block: int = 1 << 22) -> str:

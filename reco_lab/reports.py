@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from .contract import StudySpec
 from .core import project_root
 from .evaluation import MAIN_METRIC, METRICS, K
-from .runner import StudyRun
+from .runner import StudyRun, render_html
 from .tracking import REGISTERED_MODEL, SELECTION_METRIC, champion_alias, rank_runs
 from .tracking import runs_frame, search_runs, tracking_uri
 
@@ -142,6 +142,7 @@ def display_uri(uri: str) -> str:
         path = Path(uri.removeprefix("sqlite:///"))
         if path.is_relative_to(project_root()):
             return f"sqlite:///{path.relative_to(project_root())} (embedded)"
+        return "an SQLite store outside the repository"  # a temporary or personal path is no reader's business
     return uri
 
 # %% ../nbs/41_reports.ipynb #1fe98e80
@@ -196,11 +197,13 @@ def study_header(run: StudyRun | None, runs: pd.DataFrame, study: StudySpec) -> 
 # %% ../nbs/41_reports.ipynb #cebe2d2c
 def notebook_links(run: StudyRun | None, reports: Path) -> list[str]:
     "Copy the study's rendered notebooks into `reports/html/` (else keep those there) and list them."
-    if run:
+    if run:  # rendered again into the reports, all styled by reports/assets/notebook.css (one copy in git)
         shutil.rmtree(reports / "html", ignore_errors=True)
-        (reports / "html").mkdir()
+        stylesheet = project_root() / "reports" / "assets" / "notebook.css"
         for nb in run.notebooks:
-            shutil.copy(nb.with_suffix(".html"), reports / "html" / nb.with_suffix(".html").name)
+            render_html(
+                nb, stylesheet if reports.is_relative_to(project_root()) else None, reports / "html" / f"{nb.stem}.html"
+            )
     pages = sorted((reports / "html").glob("*.html")) if (reports / "html").is_dir() else []
     return ["## Notebooks of this study", ""] + [f"- [{p.stem}](html/{p.name})" for p in pages] + [""] if pages else []
 

@@ -4,16 +4,19 @@
 
 # %% auto #0
 __all__ = ['CHAMPION_NOTEBOOK', 'STUDY', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only', 'checked_value', 'plan',
-           'render_html', 'job_parameters', 'execute_job', 'attach_notebook', 'Heartbeat', 'timings_file', 'study_kind',
-           'previous_timings', 'save_timings', 'StudyRun', 'writable_dir', 'study_dirs', 'run_study']
+           'notebook_css', 'render_html', 'job_parameters', 'execute_job', 'attach_notebook', 'Heartbeat',
+           'timings_file', 'study_kind', 'previous_timings', 'save_timings', 'StudyRun', 'writable_dir', 'study_dirs',
+           'run_study']
 
 # %% ../nbs/40_runner.ipynb #b6c471c7
 import reco_lab.core  # noqa: F401
 
 import ast
+import functools
 import itertools
 import json
 import os
+import re
 import threading
 import tempfile
 import time
@@ -121,12 +124,52 @@ def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None
     return expanded
 
 # %% ../nbs/40_runner.ipynb #9a6474bc
-def render_html(notebook: Path) -> Path:
-    "An HTML rendering of an executed notebook, next to it."
+_PAGE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head -%}
+<meta charset="utf-8" />
+<meta name="viewport" content="width=device-width, initial-scale=1.0">
+<title>{{ nb.metadata.get('title', resources['metadata']['name']) | escape_html_keep_quotes }}</title>
+<link rel="stylesheet" href="{{ resources.stylesheet }}">
+{%- endblock html_head -%}
+"""
+
+
+@functools.cache
+def notebook_css() -> str:
+    "nbconvert's own stylesheet for its lab template (everything it inlines in a page), once."
+    import re
+
+    import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_filename(str(notebook))
-    target = notebook.with_suffix(".html")
+    page, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.v4.new_notebook())
+    return "\n".join(re.findall(r"<style[^>]*>(.*?)</style>", page, flags=re.S))
+
+
+def _shown(cell) -> bool:
+    "Cells a reader of the executed notebook sees: not those nbdev hides (`#| hide`: test scaffolding)."
+    first = cell.source.lstrip().splitlines()[0] if cell.source.strip() else ""
+    return not re.match(r"#\s*\|\s*hide\b", first)
+
+
+def render_html(notebook: Path, stylesheet: Path | None = None, target: Path | None = None) -> Path:
+    "An HTML rendering of an executed notebook beside it, styled by one shared stylesheet, with no script from a CDN."
+    import nbformat
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    stylesheet = stylesheet or notebook.parent / "notebook.css"
+    if not stylesheet.exists() or stylesheet.read_text(encoding="utf-8") != notebook_css():
+        stylesheet.parent.mkdir(parents=True, exist_ok=True)
+        stylesheet.write_text(notebook_css(), encoding="utf-8")
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells = [c for c in nb.cells if _shown(c)]
+    nb.metadata.pop("papermill", None)  # its paths are this machine's
+    exporter = HTMLExporter(extra_loaders=[DictLoader({"page.html.j2": _PAGE})], template_file="page.html.j2")
+    target = target or notebook.with_suffix(".html")
+    href = Path(os.path.relpath(stylesheet, target.parent)).as_posix()
+    body, _ = exporter.from_notebook_node(nb, resources={"stylesheet": href, "metadata": {"name": notebook.stem}})
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")
     return target
 
@@ -327,7 +370,8 @@ def run_study(
     )
     start, done, seconds, before = time.perf_counter(), [], {}, previous_timings(study)
     status = out / "progress.txt"
-    os.environ["RECO_LAB_PROGRESS"] = str(status)  # the kernels papermill starts inherit it
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL": "WARNING"}  # no stderr noise
+    os.environ.update({"RECO_LAB_PROGRESS": str(status), **{k: v for k, v in quiet.items() if k not in os.environ}})
     try:
         with Heartbeat(status, log) as beat:
             for i, job in enumerate(jobs, 1):
