@@ -104,11 +104,26 @@ def save_export_model(export_dir: str | Path, model: str, path: str | Path, k: i
 def log_export_model(
     client, run_id: str, export_dir: str | Path, model: str, artifact_path: str = "model", k: int = K
 ) -> str:
-    "Log the pyfunc model of `model` over `export_dir` as the run's `artifact_path`; its artifact URI."
+    "Log the pyfunc model of `model` over `export_dir` at the run's `artifact_path` and as an MLflow 3 logged model."
+    from mlflow.entities import LoggedModelOutput
+
+    run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp:
         save_export_model(export_dir, model, Path(tmp) / "model", k)
         client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path)
-    return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        # the same model as MLflow 3's own entity, linked to the run (the runs table's Models column, the model page)
+        logged = client.create_logged_model(
+            run.info.experiment_id,
+            name=model,
+            source_run_id=run_id,
+            params={"model": model, "k": str(k)},
+            tags={"reco_lab.artifact": f"runs:/{run_id}/{artifact_path}"},
+            model_type="reco_lab.ExportModel",
+        )
+        client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return f"{run.info.artifact_uri}/{artifact_path}"
 
 # %% ../nbs/23_registry.ipynb #2cf5821e
 @contextmanager
