@@ -52,13 +52,6 @@ class Page(HTMLParser):
             self._heading = None
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("docs") / "site"
-    subprocess.run(
-        [sys.executable, ROOT / "scripts" / "build-docs", "--site-dir", out], cwd=ROOT, check=True, timeout=600
-    )
-    return out
 
 
 def plain(markdown: str) -> str:
