@@ -22,7 +22,7 @@ from rectools.models.base import ModelBase
 from .data import RecoData, load_data
 from .catalog import get_spec
 from .experiment import data_checksum
-from .scoring import Ranking, popular_items, ranking
+from .scoring import Ranking, popular_items, ranking_of
 from .export import write_export
 
 # %% ../nbs/22_precompute.ipynb #2bc8f967
@@ -91,7 +91,7 @@ def export_models(
 ) -> Path:
     "Each fitted `(model, dataset)`'s top-`depth` for all known users, as a checksummed export; `engine` scores."
     users = np.sort(data.interactions[Columns.User].unique())
-    rankings = {name: ranking(model, dataset, users) for name, (model, dataset) in models.items()}
+    rankings = {name: ranking_of(model, dataset, users) for name, (model, dataset) in models.items()}
     meta = {
         "dataset": data.name,
         "data_checksum": data_checksum(data),

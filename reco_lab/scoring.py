@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['tie_ranks', 'kth_bound', 'top_k', 'popular_order', 'popular_items', 'popular_topk', 'vector_factors', 'score_rows',
-           'block_rows', 'rank_users', 'Ranking', 'ranking', 'topk_items', 'reco_frame', 'check_topk']
+           'block_rows', 'rank_users', 'Ranking', 'ranking_of', 'topk_items', 'reco_frame', 'check_topk']
 
 # %% ../nbs/04_scoring.ipynb #52c11be3
 import reco_lab.core  # noqa: F401
@@ -230,7 +230,7 @@ class Ranking:
         return np.where(ids < 0, -1, self.external[np.maximum(ids, 0)]), values
 
 # %% ../nbs/04_scoring.ipynb #a1561629
-def ranking(model: ModelBase, dataset: Dataset, users, batch: int = 20_000) -> Ranking:
+def ranking_of(model: ModelBase, dataset: Dataset, users, batch: int = 20_000) -> Ranking:
     "What ranking `model`'s top-k for `users` (external ids) needs; `batch`: users per call of its own `recommend`."
     from rectools.models import PopularModel
 
@@ -257,7 +257,7 @@ def topk_items(
     with_scores: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     "Top-`k` unseen item ids (external) of each of `users` as a -1 padded matrix (and the NaN padded scores)."
-    found = ranking(model, dataset, users, batch).rank(0, len(users), k, num_threads)
+    found = ranking_of(model, dataset, users, batch).rank(0, len(users), k, num_threads)
     return found if with_scores else found[0]
 
 # %% ../nbs/04_scoring.ipynb #3b42752e

@@ -276,7 +276,9 @@ def tune(
             log(f"{len(failed)} worker(s) ended with an error; their running trials were failed: {failed[0]}")
         wait_for_trials(study)
         log_best(parent, best := study.best_trial)
-    log(f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number + 1} of {trials}: {best.params}")
+    log(
+        f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number} of {trials} (numbered from 0): {best.params}"
+    )
     command = tune_command(
         name,
         trials,
@@ -296,9 +298,9 @@ def tune(
         protocol,
         search.split,
         study,
-        command,
-        seconds,
-        seed,
+        command=command,
+        seed=seed,
+        seconds=seconds,
     )
 
 # %% ../nbs/20_tuning.ipynb #253642dc
@@ -439,7 +441,7 @@ def write_tuning_report(result: Tuning, dataset: str, folder: Path | None = None
         "",
         f"Fixed during the search: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'nothing'}.",
         "",
-        f"## Best: trial {best.number} of {result.trials}, {SELECTION_METRIC} {best.value:.6f}",
+        f"## Best: trial {best.number} of {result.trials} (numbered from 0), {SELECTION_METRIC} {best.value:.6f}",
         "",
         pd.DataFrame([best.params]).to_markdown(index=False),
         "",
