@@ -22,7 +22,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/60_cli.ipynb #f8b31da4
-def study_of(args: argparse.Namespace, quick: bool = False) -> "reco_lab.contract.StudySpec":  # imported when called: `reco-lab --help` stays fast
+def study_of(
+    args: argparse.Namespace, quick: bool = False
+) -> "reco_lab.contract.StudySpec":  # imported when called: `reco-lab --help` stays fast
     "The one `StudySpec` of a command line's study options."
     from reco_lab.contract import StudySpec
 
@@ -71,7 +73,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     "Rewrite the leaderboard and curves of the latest full study from what MLflow holds."
     from reco_lab.evaluation import fold_summary
     from reco_lab.experiment import setup
-    from reco_lab.reports import write_reports
+    from reco_lab.core import shown
+    from reco_lab.reports import headline_markdown, write_reports
 
     from reco_lab.runner import writable_dir
     from reco_lab.tracking import check_tracking
@@ -81,7 +84,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         writable_dir(Path(args.reports_dir), "--reports-dir")
     study = study_of(args)
     board = write_reports(None, study, args.reports_dir, folds_table=fold_summary(setup(study)[1]))
-    print(board.read_text(encoding="utf-8"))
+    print(headline_markdown(board.parent), end="\n\n")
+    print(f"leaderboard (with the details): {shown(board)}")
+    print(f"index: {shown(board.parent / 'index.html')}")
     return 0
 
 

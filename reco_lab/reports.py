@@ -225,7 +225,7 @@ def write_reports(
     if run and study.quick and len(runs):  # a quick study's champion is its own best, never registered
         champion = runs.iloc[0]["run_id"]
     if runs.empty:  # never write "no runs" over committed reports
-        where = display_uri(tracking_uri())
+        where = tracking_uri()  # the terminal of the one who ran it: the real address
         raise ValueError(
             f"no finished {'quick ' if study.quick else ''}study of {study.dataset} (protocol {study.protocol}"
             f"{f', min_rating {study.min_rating:g}' if study.min_rating else ''}) in the MLflow store {where}: "
@@ -273,7 +273,8 @@ def _write_index(reports: Path, board: pd.DataFrame, title: str) -> None:
     head, details = split_board(board)
     curves = '<p><img src="als_curves.png" alt="ALS loss and validation MAP@10 per fold"></p>'
     (reports / "index.html").write_text(
-        f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>reco_lab: {html.escape(title)}</title>
+        f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>reco_lab: {html.escape(title)}</title>
 <style>{_INDEX_STYLE}</style></head><body><h1>Leaderboard</h1><p>{html.escape(title)}</p>
 {head.to_html(index=False, border=0)}
 <details><summary>Details: folds, other metrics, size, params, runs</summary><div class="wide">

@@ -130,6 +130,7 @@ _PAGE = """{%- extends 'lab/index.html.j2' -%}
 <meta name="viewport" content="width=device-width, initial-scale=1.0">
 <title>{{ nb.metadata.get('title', resources['metadata']['name']) | escape_html_keep_quotes }}</title>
 <link rel="stylesheet" href="{{ resources.stylesheet }}">
+<link rel="icon" href="data:,">
 {%- endblock html_head -%}
 """
 

@@ -85,8 +85,8 @@ def check_tracking(uri: str | None = None, timeout: float = 5.0, *, create: bool
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingUnavailable(f"cannot create the MLflow store folder {folder}: {e}") from None
-    client = MlflowClient(uri)
-    try:
+    try:  # a URI MLflow cannot parse (bogus://) fails in the client itself
+        client = MlflowClient(uri)
         client.search_experiments(max_results=1)
     except Exception as e:  # any store error: bad URI, no database, wrong credentials
         raise TrackingUnavailable(

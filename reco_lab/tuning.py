@@ -277,7 +277,8 @@ def tune(
         wait_for_trials(study)
         log_best(parent, best := study.best_trial)
     log(
-        f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number} of {trials} (numbered from 0): {best.params}"
+        f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number} of {trials} "
+        f"(numbered from 0): {best.params}"
     )
     command = tune_command(
         name,

@@ -5,13 +5,10 @@ search lists every page and entry, and viewing a page fetches nothing from anoth
 import ast
 import json
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
 from nbdev.config import get_config
 from nbdev.doclinks import NbdevLookup, _nbpath2html  # nbdev's page names: the pages _modidx.py links to
 
@@ -50,8 +47,6 @@ class Page(HTMLParser):
         if self._heading and tag == self._heading[0]:
             self.headings.setdefault(tag, []).append("".join(self._heading[1]).replace("¶", "").strip())
             self._heading = None
-
-
 
 
 def plain(markdown: str) -> str:
