@@ -27,7 +27,6 @@ from typing import Any
 from collections.abc import Iterator
 
 import pandas as pd
-from fastcore.basics import patch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -105,8 +104,11 @@ def get_experiment_id(client: MlflowClient, name: str) -> str:
         location = (Path(client.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created meanwhile by a parallel run
-        return client.get_experiment_by_name(name).experiment_id
+    except MlflowException:  # created meanwhile by a parallel run, or a real error: then it is raised
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 # %% ../nbs/03_tracking.ipynb #2a574fc3
 def _short(value: Any) -> str:
@@ -218,24 +220,20 @@ class Run:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
         return summary
 
-# %% ../nbs/03_tracking.ipynb #c270da5f
-@patch
-def log_model(self: Run, model: Any, name: str = "model.pkl") -> float:
-    "Pickle `model` as the run's artifact `estimator/<name>`, log and return `model_size_mb`."
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        with open(path, "wb") as f:
-            pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
-        size_mb = path.stat().st_size / 2**20
-        self.client.log_artifact(self.run_id, str(path), artifact_path="estimator")
-    self.client.log_metric(self.run_id, "model_size_mb", size_mb)
-    return size_mb
+    def log_model(self, model: Any, name: str = "model.pkl") -> float:
+        "Pickle `model` as the run's artifact `estimator/<name>`, log and return `model_size_mb`."
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            with open(path, "wb") as f:
+                pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
+            size_mb = path.stat().st_size / 2**20
+            self.client.log_artifact(self.run_id, str(path), artifact_path="estimator")
+        self.client.log_metric(self.run_id, "model_size_mb", size_mb)
+        return size_mb
 
-
-@patch
-def log_artifact(self: Run, path: str | Path, artifact_path: str | None = None) -> None:
-    "Attach a file (a plot, a table) to the run."
-    self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        "Attach a file (a plot, a table) to the run."
+        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
 # %% ../nbs/03_tracking.ipynb #634dcb76
 def run_tags(
@@ -283,11 +281,19 @@ def tracked_run(
     client = check_tracking(uri)
     all_params = {"model": model, **params}
     name = run_name(model, all_params, key_params)
-    extra = {"study_id": study_id, "quick": quick, "notebook": notebook, "parent_run_id": parent_run_id, "tags": tags}
     experiment_id = get_experiment_id(client, experiment_name(experiment))
-    all_tags = run_tags(model, dataset, protocol, **extra) | (
-        {"mlflow.note.content": description} if description else {}
+    all_tags = run_tags(
+        model,
+        dataset,
+        protocol,
+        study_id=study_id,
+        quick=quick,
+        notebook=notebook,
+        parent_run_id=parent_run_id,
+        tags=tags,
     )
+    if description:
+        all_tags["mlflow.note.content"] = description
     run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in all_params.items()])
     active = Run(client, run_id, name, EpochLogger(client, run_id))
