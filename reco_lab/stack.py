@@ -28,10 +28,9 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import psutil
-from fastcore.basics import patch
 from fastcore.meta import delegates
 
 from .core import answers_ok, console_script, settings
@@ -97,33 +96,29 @@ class Stack:
         "True when artifacts go to a MinIO/S3 endpoint that this stack did not start."
         return bool(self.s3_endpoint) and not self.s3_port
 
-# %% ../nbs/50_stack.ipynb #fd1ca675
-@patch(as_prop=True)
-def state_file(self: Stack) -> Path:
-    "`stack.json` in the stack's folder."
-    return self.dir / "stack.json"
+    @property
+    def state_file(self) -> Path:
+        "`stack.json` in the stack's folder."
+        return self.dir / "stack.json"
 
+    def save(self) -> None:
+        "Write `stack.json`, readable by its owner only (it holds the database password)."
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {**asdict(self), "dir": str(self.dir)}
+        tmp = self.state_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        tmp.replace(self.state_file)
 
-@patch
-def save(self: Stack) -> None:
-    "Write `stack.json`, readable by its owner only (it holds the database password)."
-    self.dir.mkdir(parents=True, exist_ok=True)
-    data = {**asdict(self), "dir": str(self.dir)}
-    tmp = self.state_file.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    tmp.replace(self.state_file)
-
-
-@patch(cls_method=True)
-def load(cls: Stack, folder: Path) -> "Stack | None":
-    "The stack recorded in `folder`, or None."
-    path = Path(folder) / "stack.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return cls(**{**data, "dir": Path(data["dir"])})
+    @classmethod
+    def load(cls, folder: Path) -> "Stack | None":
+        "The stack recorded in `folder`, or None."
+        path = Path(folder) / "stack.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(**{**data, "dir": Path(data["dir"])})
 
 # %% ../nbs/50_stack.ipynb #a6ad8bbc
 def process(stack: Stack, name: str) -> psutil.Process | None:
@@ -403,7 +398,8 @@ SEAWEEDFS_PORTS = (
 # %% ../nbs/50_stack.ipynb #f99ea518
 def free_ports(n: int, taken: Iterable[int] = ()) -> list[int]:
     "`n` distinct free loopback ports, none of them in `taken`."
-    ports, taken = [], set(taken)
+    ports: list[int] = []
+    taken = set(taken)
     while len(ports) < n:
         if (port := free_port()) not in taken:
             ports.append(port)
@@ -621,22 +617,22 @@ def stack_up(folder: str | Path | None = None, *, timeout: float = 240, mlflow: 
     with locked(folder):
         stack = Stack.load(folder) or Stack(folder)
         configure(stack, **kwargs)
-        started = []
+        started: list[Callable[[Stack], None]] = []  # how to stop what this call started
         try:
             for name, start, stop in (("postgres", start_postgres, stop_postgres), ("s3", start_s3, stop_s3)):
                 if not healthy(stack, name):
                     stop(stack)
                     start(stack)
-                    started.append(name)
+                    started.append(stop)
             if not mlflow:
                 stop_mlflow(stack)
             elif stack.mlflow_config != mlflow_config(stack) or not healthy(stack, "mlflow"):
                 stop_mlflow(stack)
                 start_mlflow(stack, timeout=timeout)
-                started.append("mlflow")
+                started.append(stop_mlflow)
         except BaseException:
-            for name in reversed(started):
-                {"postgres": stop_postgres, "s3": stop_s3, "mlflow": stop_mlflow}[name](stack)
+            for undo in reversed(started):
+                undo(stack)
             raise
         finally:
             stack.save()
@@ -652,6 +648,8 @@ def stack_down(folder: str | Path | None = None, *, purge: bool = False) -> Stac
         return None
     with locked(folder):
         stack = Stack.load(folder)
+        if stack is None:  # purged meanwhile by another `stack_down`
+            return None
         try:
             stop_mlflow(stack)
             stop_s3(stack, grace=0 if purge else 20)
