@@ -33,7 +33,7 @@ from ..candidates import CANDIDATES, candidate
 from ..contract import ModelSpec, Params, StudySpec
 from ..data import RecoData
 from ..evaluation import Fold, Splits, make_splitter, split_id
-from ..scoring import score_rows, topk_items
+from ..scoring import score_rows, topk_scored
 from ..tracking import SELECTION_METRIC, Run, comparable_runs, rank_runs
 
 # %% ../../nbs/18_ranker.ipynb #3f43779d
@@ -169,7 +169,7 @@ class RankerFeatures(CandidateFeatureCollector):
                 lambda ts: " ".join(t.strip().lower().replace(" ", "_") for t in ts if t.strip()) or "none"
             )
         self.users, self.items = u, i
-        self._memo = None
+        self._memo: tuple[tuple, Dataset, dict[str, Any]] | None = None  # (key, dataset, `history`'s state)
 
     @property
     def cat_features(self) -> list[str]:
@@ -331,9 +331,10 @@ class EvalSetCatBoostReranker(CatBoostReranker):
 
 # %% ../../nbs/18_ranker.ipynb #aa81344b
 class FastCandidateGenerator(CandidateGenerator):
-    "rectools' CandidateGenerator ranking through `topk_items` for every model it can score (one tie rule)."
+    "rectools' CandidateGenerator ranking through `topk_scored` for every model it can score (one tie rule)."
 
-    lists = None  # (sorted users, items, scores) the fitted model already ranked on the recommend data
+    # (sorted users, items, scores) the fitted model already ranked on the recommend data
+    lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def fit(self, dataset: Dataset, for_train: bool) -> None:
         self.lists = None
@@ -343,12 +344,12 @@ class FastCandidateGenerator(CandidateGenerator):
         return {k: v for k, v in self.__dict__.items() if k != "lists"}
 
     def _top(self, users: np.ndarray, dataset: Dataset, for_train: bool) -> tuple[np.ndarray, np.ndarray]:
-        "Items and scores of `users`' candidates: from `lists` when they hold them all, else `topk_items`."
+        "Items and scores of `users`' candidates: from `lists` when they hold them all, else `topk_scored`."
         lists = None if for_train else self.lists
         if lists is not None and lists[1].shape[1] >= self.num_candidates and np.isin(users, lists[0]).all():
             rows = np.searchsorted(lists[0], users)
             return lists[1][rows, : self.num_candidates], lists[2][rows, : self.num_candidates]
-        return topk_items(self.model, dataset, users, self.num_candidates, with_scores=True)
+        return topk_scored(self.model, dataset, users, self.num_candidates)
 
     def generate_candidates(
         self, users, dataset: Dataset, filter_viewed: bool, for_train: bool, items_to_recommend=None, **kwargs
@@ -417,7 +418,7 @@ def make_ranker(
     n_candidates, n_popular = p.n_candidates, p.n_popular
     generators = [
         FastCandidateGenerator(
-            first.build(first_params),
+            first.estimator(first_params),
             n_candidates,
             keep_ranks=True,
             keep_scores=True,
@@ -557,6 +558,6 @@ def rank_candidates_once(ranker: CandidateRankingModel, dataset: Dataset, users:
     "Give each fitted bulk generator without lists its candidates for all `users` (sorted), ranked in one pass."
     for generator in ranker.cand_gen_dict.values():
         if isinstance(generator, FastCandidateGenerator) and generator.is_fitted_for_recommend and not generator.lists:
-            found = topk_items(generator.model, dataset, users, generator.num_candidates, with_scores=True)
+            found = topk_scored(generator.model, dataset, users, generator.num_candidates)
             generator.lists = (users, *found)
     return ranker
