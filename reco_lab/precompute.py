@@ -12,6 +12,7 @@ import reco_lab.core  # noqa: F401
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,7 @@ def local_engine(partition_users: int = 100_000) -> Engine:
             log(f"{name}: {found / max(len(r.users), 1):.1f} items per user on average, {seconds:.1f} s")
 
         return {
-            name: Lists((len(r.users), depth), list_dtype(r), lambda name=name, r=r: blocks(name, r))
-            for name, r in rankings.items()
+            name: Lists((len(r.users), depth), list_dtype(r), partial(blocks, name, r)) for name, r in rankings.items()
         }
 
     return run
@@ -104,7 +104,7 @@ def export_models(
     return write_export(folder, users=users, topk=lists, seen=seen_csr(data, users), popular=popular, meta=meta)
 
 # %% ../nbs/22_precompute.ipynb #dfd0794a
-DEMO_PARAMS = {  # served name: what differs from the model's defaults
+DEMO_PARAMS: dict[str, dict[str, Any]] = {  # served name: what differs from the model's defaults
     "popular": {},
     "knn": {"knn_weighting": "cosine", "knn_neighbours": 50},
     "als": {"factors": 32, "epochs": 10},
