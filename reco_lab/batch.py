@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['BLAS_ENV', 'ScoreError', 'StudyRuns', 'study_runs', 'on_snapshot', 'AsPickled', 'load_pickled_model', 'fitted_models',
-           'numpy_blas', 'connect_ray', 'partition_task', 'ray_engine', 'score', 'parser', 'main']
+           'numpy_blas', 'connect_ray', 'partition_task', 'RayEngine', 'score', 'parser', 'main']
 
 # %% ../nbs/25_batch_scoring.ipynb #aa4c0613
 import reco_lab.core  # noqa: F401
@@ -16,8 +16,10 @@ import resource
 import socket
 import sys
 import time
+from typing import Any
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +78,9 @@ def _logged_digest(run_id: str, uri: str | None) -> str | None:
     "The digest of the dataset a run logged as its MLflow input (the first 16 hex digits of its checksum)."
     from reco_lab.tracking import check_tracking
 
-    inputs = check_tracking(uri).get_run(run_id).inputs.dataset_inputs
-    return inputs[0].dataset.digest if inputs else None
+    inputs = check_tracking(uri).get_run(run_id).inputs
+    logged = inputs.dataset_inputs if inputs else []
+    return logged[0].dataset.digest if logged else None
 
 
 def on_snapshot(fitted, interactions: pd.DataFrame):
@@ -171,7 +174,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None):
     env = {k: os.environ[k] for k in BLAS_ENV if k in os.environ} | {"OPENBLAS_CORETYPE": numpy_blas()}
     if address and address not in ("auto", "local"):
         _reachable(address)
-    options = {"runtime_env": {"env_vars": env}, "logging_level": "ERROR", "log_to_driver": False}
+    options: dict[str, Any] = {"runtime_env": {"env_vars": env}, "logging_level": "ERROR", "log_to_driver": False}
     if not address:
         options |= {"num_cpus": num_cpus or n_threads(), "include_dashboard": False}
     try:
@@ -204,7 +207,8 @@ class _InOrder:
 
     def __init__(self, ray, task, refs: dict, plan: list[tuple[str, int, int]], depth: int, window: int):
         self.ray, self.task, self.refs, self.plan, self.depth, self.window = ray, task, refs, plan, depth, window
-        self.pending, self.submitted = {}, 0
+        self.pending: dict[int, Any] = {}  # plan index -> the task's ObjectRef
+        self.submitted = 0
 
     def take(self, i: int) -> tuple[np.ndarray, dict]:
         "The result of task `i` (submitting ahead up to the window), released from the object store once taken."
@@ -215,26 +219,31 @@ class _InOrder:
         return self.ray.get(self.pending.pop(i))
 
 # %% ../nbs/25_batch_scoring.ipynb #e29a307b
-def ray_engine(
-    address: str | None = None, partition_users: int = 100_000, max_retries: int = 3, window: int | None = None
-) -> Engine:
-    "Rank every model's partitions as Ray tasks (`rank_range`), taken in order as the export is written."
-    from dataclasses import replace
+def _shippable(r: Ranking) -> Ranking:
+    "`r` with its model as the pickle it was loaded from, when it has one: the workers get it as it came."
+    blob = getattr(r.model, "_reco_lab_pickle", None)
+    return replace(r, model=AsPickled(blob)) if blob else r
 
-    def _shippable(r: Ranking) -> Ranking:
-        blob = getattr(r.model, "_reco_lab_pickle", None)
-        return replace(r, model=AsPickled(blob)) if blob else r
 
-    def run(rankings: dict[str, Ranking], depth: int, log: Callable) -> dict[str, Lists]:
-        ray = connect_ray(address)
+@dataclass
+class RayEngine:
+    "An `Engine` ranking every model's partitions as Ray tasks (`rank_range`), taken in order as the export is written."
+
+    address: str | None = None
+    partition_users: int = 100_000
+    max_retries: int = 3
+    window: int | None = None  # tasks in flight (default: twice the cluster's CPUs)
+    tasks: list[dict] = field(default_factory=list)  # the last call's partitions: model, range, node, kernel, cost
+
+    def __call__(self, rankings: dict[str, Ranking], depth: int, log: Callable) -> dict[str, Lists]:
+        ray = connect_ray(self.address)
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        task = ray.remote(partition_task).options(num_cpus=1, max_retries=max_retries)
+        task = ray.remote(partition_task).options(num_cpus=1, max_retries=self.max_retries)
         refs = {name: ray.put(_shippable(r)) for name, r in rankings.items()}  # each model into the store once
-        plan = [
-            (n, a, b) for n, r in rankings.items() for a, b in zip(r.cuts(partition_users), r.cuts(partition_users)[1:])
-        ]
-        stream, mine = _InOrder(ray, task, refs, plan, depth, window or 2 * cpus), numpy_blas()
-        run.tasks = []
+        cuts = {name: r.cuts(self.partition_users) for name, r in rankings.items()}
+        plan = [(n, a, b) for n, c in cuts.items() for a, b in zip(c, c[1:])]
+        stream, mine = _InOrder(ray, task, refs, plan, depth, self.window or 2 * cpus), numpy_blas()
+        self.tasks = []
 
         def blocks(name: str) -> Iterator[np.ndarray]:
             start, mine_idx = time.perf_counter(), [i for i, step in enumerate(plan) if step[0] == name]
@@ -244,17 +253,14 @@ def ray_engine(
                     raise ScoreError(
                         f"node {info['node']} scored with BLAS {info['blas']!r}, this process with {mine!r}"
                     )
-                run.tasks.append({"model": name, "start": plan[i][1], "stop": plan[i][2], **info})
+                self.tasks.append({"model": name, "start": plan[i][1], "stop": plan[i][2], **info})
                 log(f"{name}: partition {j}/{len(mine_idx)} from node {info['node'][:12]}")
                 yield ids
             log(f"{name}: {len(mine_idx)} partitions on Ray, {time.perf_counter() - start:.1f} s")
 
         return {
-            name: Lists((len(r.users), depth), list_dtype(r), lambda name=name: blocks(name))
-            for name, r in rankings.items()
+            name: Lists((len(r.users), depth), list_dtype(r), partial(blocks, name)) for name, r in rankings.items()
         }
-
-    return run
 
 # %% ../nbs/25_batch_scoring.ipynb #82fd5639
 def score(
@@ -285,7 +291,7 @@ def score(
     data = load_data(chosen.dataset, seed=seed)
     newer = load_data(dataset, seed=seed) if dataset and dataset != chosen.dataset else None
     models = fitted_models(chosen, data, newer, uri, log)
-    run = ray_engine(address, partition_users) if engine == "ray" else local_engine(partition_users)
+    run: Engine = RayEngine(address, partition_users) if engine == "ray" else local_engine(partition_users)
     made = {
         "command": "reco-lab score",
         "engine": engine,

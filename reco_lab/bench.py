@@ -65,7 +65,7 @@ def bench_als_logging(
 
     tracked()  # warm-up: store migrations, first imports, page cache
     logging_s.clear()
-    times = {"bare implicit": [], "bare implicit, no loss": [], "reco_lab tracked": []}
+    times: dict[str, list[float]] = {"bare implicit": [], "bare implicit, no loss": [], "reco_lab tracked": []}
     for _ in range(repeats):
         times["bare implicit"].append(bare(True))
         times["reco_lab tracked"].append(tracked())
@@ -302,7 +302,7 @@ def _export_stage(timer: StageTimer, p: ScaleParams, data, fold, train, models: 
     with timer.stage(f"export: top {p.depth} of 5 models for all users") as st:
         views = {name: (model, fold.train if name == "lightfm" else train) for name, model in models.items()}
         views["ranker"] = (share_first_stage(views["ranker"][0], models["als"], train), train)
-        lines = []
+        lines: list[str] = []
         folder = export_models(
             data, views, folder, depth=p.depth, meta={"champion": {"model": "ranker"}}, log=lines.append
         )
@@ -580,7 +580,10 @@ def _als_topk_references(als, dataset, users: np.ndarray, k: int = 30) -> dict:
     implicit_s, start = time.perf_counter() - start, time.perf_counter()
     topk_items(als, dataset, users, k)
     topk_s = time.perf_counter() - start
-    user_f, item_f = vector_factors(als, dataset)
+    factors = vector_factors(als, dataset)
+    if factors is None:
+        raise ValueError(f"{type(als).__name__} is not a factor model: no block products to time")
+    user_f, item_f = factors
     step = block_rows(item_f.shape[0])
     start = time.perf_counter()
     with ThreadPoolExecutor(n_threads()) as pool:
@@ -606,11 +609,11 @@ class ScaleOutParams:
 # %% ../nbs/53_bench.ipynb #488ed068
 def _export_run(engine_name: str, data, models: dict, folder: Path, p: ScaleOutParams) -> dict:
     "One export with one engine: wall and CPU seconds, the driver's peak RSS, the tasks' own records (Ray)."
-    from reco_lab.batch import connect_ray, ray_engine
-    from reco_lab.precompute import export_models, local_engine
+    from reco_lab.batch import RayEngine, connect_ray
+    from reco_lab.precompute import Engine, export_models, local_engine
 
     if engine_name == "ray":
-        engine = ray_engine(partition_users=p.partition_users)
+        engine: Engine = RayEngine(partition_users=p.partition_users)
         connect_ray()  # the cluster runs before the job starts, as a nightly job finds it
     else:
         engine = local_engine(p.partition_users)
@@ -618,7 +621,7 @@ def _export_run(engine_name: str, data, models: dict, folder: Path, p: ScaleOutP
     cpu = sum(me.cpu_times()[:2])
     with timer.stage(engine_name) as st:
         export_models(data, models, folder, depth=p.depth, engine=engine, log=lambda _: None)
-    tasks = getattr(engine, "tasks", [])
+    tasks = engine.tasks if isinstance(engine, RayEngine) else []
     return {
         "wall_s": st.seconds,
         "driver_cpu_s": sum(me.cpu_times()[:2]) - cpu,
@@ -632,7 +635,7 @@ def _export_run(engine_name: str, data, models: dict, folder: Path, p: ScaleOutP
 
 def _per_worker(tasks: list[dict]) -> dict[int, dict]:
     "Each Ray worker process's partitions, peak RSS and largest own memory (USS), from the tasks' records."
-    out = {}
+    out: dict[int, dict] = {}
     for t in tasks:
         w = out.setdefault(t["pid"], {"partitions": 0, "peak_rss_mb": 0.0, "uss_mb": 0.0, "cpu_s": 0.0})
         w["partitions"] += 1
@@ -643,9 +646,9 @@ def _per_worker(tasks: list[dict]) -> dict[int, dict]:
 # %% ../nbs/53_bench.ipynb #da09a947
 def _growth_point(n_users: int, p: ScaleOutParams) -> dict:
     "The scoring stage on Ray for `n_users` users: wall time, time per user, per-worker memory, driver memory."
-    from reco_lab.batch import ray_engine
+    from reco_lab.batch import RayEngine
 
-    timer, engine = StageTimer(log=lambda _: None), ray_engine(partition_users=p.partition_users)
+    timer, engine = StageTimer(log=lambda _: None), RayEngine(partition_users=p.partition_users)
     with timer.stage("build") as built:
         r = _random_ranking(n_users, p.items)
     with timer.stage("score") as st:
@@ -887,8 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "scale-out":
         from reco_lab.core import project_root
 
-        params = ScaleOutParams(**{f.name: getattr(args, f.name) for f in fields(ScaleOutParams)})
-        report = format_scale_out(bench_scale_out(params, workdir=args.workdir))
+        scale_out = ScaleOutParams(**{f.name: getattr(args, f.name) for f in fields(ScaleOutParams)})
+        report = format_scale_out(bench_scale_out(scale_out, workdir=args.workdir))
         target = Path(args.report or project_root() / "reports" / "scale_out.md")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(report, encoding="utf-8")
@@ -897,8 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "scale":
         from reco_lab.core import project_root
 
-        params = ScaleParams(**{f.name: getattr(args, f.name) for f in fields(ScaleParams)})
-        report = format_scale(bench_scale(params, workdir=args.workdir))
+        scale = ScaleParams(**{f.name: getattr(args, f.name) for f in fields(ScaleParams)})
+        report = format_scale(bench_scale(scale, workdir=args.workdir))
         target = Path(args.report or project_root() / "reports" / "benchmarks.md")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(report, encoding="utf-8")
