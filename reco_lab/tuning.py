@@ -49,7 +49,7 @@ def best_tuned_candidate(dataset: str) -> str:
             f"no tuned candidate in {config_path(dataset)}: tune the candidates first "
             "(reco-lab tune --model als --save, ...) or pass --first-stage"
         )
-    return max(scores, key=scores.get)
+    return max(scores, key=lambda m: scores[m])
 
 # %% ../nbs/20_tuning.ipynb #11e247cf
 def base_params(spec: ModelSpec, study: StudySpec, splits: Splits, first_stage: str | None = None) -> Any:
@@ -108,6 +108,8 @@ def worker_name() -> str:
 def run_trial(search: Search, trial: optuna.Trial) -> float:
     "One trial as a nested MLflow run: the sampled params on every validation fold; the mean validation MAP@10."
     spec = search.spec
+    if spec.search_space is None:
+        raise ValueError(f"model {spec.name} has no search space: tunable models are {', '.join(TUNABLE)}")
     params = spec.make({**search.base.model_dump(), **spec.search_space(trial)})
     params = capped(spec, params) if search.study.quick else params
     trial.set_user_attr("params", params.model_dump(mode="json"))
@@ -121,11 +123,11 @@ def run_trial(search: Search, trial: optuna.Trial) -> float:
     return value
 
 
-def log_best(parent: Run, best: optuna.trial.FrozenTrial) -> None:
+def log_best(parent: Run, study: optuna.Study) -> None:
     "The search's result on its parent run: `best_val_map_at_10`, the best params (`best_<name>`), the best trial."
-    parent.client.log_metric(parent.run_id, f"best_{SELECTION_METRIC}", best.value)
-    parent.client.log_batch(parent.run_id, params=[optuna_param(f"best_{k}", v) for k, v in best.params.items()])
-    parent.client.set_tag(parent.run_id, "best_trial", str(best.number))
+    parent.client.log_metric(parent.run_id, f"best_{SELECTION_METRIC}", study.best_value)
+    parent.client.log_batch(parent.run_id, params=[optuna_param(f"best_{k}", v) for k, v in study.best_params.items()])
+    parent.client.set_tag(parent.run_id, "best_trial", str(study.best_trial.number))
 
 # %% ../nbs/20_tuning.ipynb #0671d1cb
 def search_setting(trials: int, seed: int, n_folds: int, base: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +248,13 @@ def tune(
     protocol = lab.protocol
     data, splits = setup(lab)
     base = base_params(spec, lab, splits, first_stage)
-    run_args = {"dataset": data.name, "protocol": protocol, "study_id": study_id, "quick": quick, "uri": uri}
+    run_args: dict[str, Any] = {
+        "dataset": data.name,
+        "protocol": protocol,
+        "study_id": study_id,
+        "quick": quick,
+        "uri": uri,
+    }
     run_args |= {"experiment": "tuning", "notebook": "20_tuning.ipynb"}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, created = shared_study(study_name(name, data.name, protocol, split_id(splits), seed, quick), storage, seed)
@@ -272,10 +280,11 @@ def tune(
         study.set_user_attr("mlflow_parent_run_id", parent.run_id)
         others = [subprocess.Popen(command) for command in workers or []]  # join the study once it has a parent
         search = search_with(parent)
-        if failed := [proc.args for proc in others if proc.wait() != 0]:
+        if failed := [command for command, proc in zip(workers or [], others) if proc.wait() != 0]:
             log(f"{len(failed)} worker(s) ended with an error; their running trials were failed: {failed[0]}")
         wait_for_trials(study)
-        log_best(parent, best := study.best_trial)
+        log_best(parent, study)
+    best = study.best_trial
     log(
         f"{name}: best {SELECTION_METRIC} {best.value:.4f} in trial {best.number} of {trials} "
         f"(numbered from 0): {best.params}"
@@ -293,7 +302,7 @@ def tune(
     return Tuning(
         name,
         parent.run_id,
-        best.value,
+        study.best_value,
         best.user_attrs["params"],
         trials,
         protocol,
@@ -366,18 +375,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 def search_space_table(study: optuna.Study) -> pd.DataFrame:
     "The space the trials were drawn from: each parameter's kind and range (or choices), from Optuna's distributions."
-    space = {}
+    space: dict[str, optuna.distributions.BaseDistribution] = {}
     for t in study.get_trials(deepcopy=False):
         space |= t.distributions
     rows = []
     for param, d in space.items():
         if isinstance(d, optuna.distributions.CategoricalDistribution):
             rows.append({"parameter": param, "kind": "one of", "values": ", ".join(map(str, d.choices))})
-        else:
+        elif isinstance(d, (optuna.distributions.IntDistribution, optuna.distributions.FloatDistribution)):
             kind = "integer" if isinstance(d, optuna.distributions.IntDistribution) else "float"
             rows.append(
                 {"parameter": param, "kind": kind + (", log scale" if d.log else ""), "values": f"{d.low} … {d.high}"}
             )
+        else:
+            raise TypeError(f"parameter {param}: a {type(d).__name__} has no row in the table (not an Optuna 5 kind)")
     return pd.DataFrame(rows)
 
 # %% ../nbs/20_tuning.ipynb #5159888f
@@ -388,8 +399,9 @@ def plot_history(study: optuna.Study, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    numbers, values = [t.number for t in done], [t.value for t in done]
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    done = [(t.number, t.value) for t in study.get_trials(deepcopy=False, states=complete) if t.value is not None]
+    numbers, values = [n for n, _ in done], [v for _, v in done]
     best = pd.Series(values).cummax()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.scatter(numbers, values, s=14, alpha=0.7, label="trial")
