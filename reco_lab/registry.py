@@ -11,7 +11,6 @@ __all__ = ['SIGNATURE', 'PIP_PACKAGES', 'logger', 'FINAL', 'ExportModel', 'pip_r
 import reco_lab.core  # noqa: F401
 
 import fcntl
-import itertools
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models.signature import ModelSignature
+from mlflow.pyfunc import PythonModel
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, Schema
 
@@ -42,7 +42,7 @@ SIGNATURE = ModelSignature(
 )
 
 
-class ExportModel(mlflow.pyfunc.PythonModel):
+class ExportModel(PythonModel):
     "An MLflow pyfunc over a serving export: `predict` gives each `user_id` the service's `k` items of one model."
 
     def load_context(self, context) -> None:
@@ -251,7 +251,9 @@ def _publish(cache: Path, uri: str, local: Path) -> Path:
 
 def _attempts(uri: str, store: str, cache: Path, deadline: float, timeout: float) -> Path:
     "The model downloaded and verified, retrying what may pass until `deadline`, each failure logged; its folder."
-    for attempt in itertools.count(1):
+    attempt = 0
+    while True:
+        attempt += 1
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
         try:
             local = _local_model(uri)

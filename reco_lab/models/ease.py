@@ -28,7 +28,9 @@ class EASEParams(Params):
 class PaperEASE(EASEModel):
     "rectools' EASE scoring `X·B` as in the paper (rectools 0.19 ranks by `X·Bᵀ`): `weight` holds `Bᵀ` after fitting."
 
-    def _fit(self, dataset: Dataset) -> None:  # type: ignore[override]
+    weight: np.ndarray
+
+    def _fit(self, dataset: Dataset) -> None:
         super()._fit(dataset)
         self.weight = np.ascontiguousarray(self.weight.T)
 
