@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -92,7 +93,7 @@ def function_name(frame: str) -> str:
 def profile_stats(stacks: Stacks, top: int = 10) -> dict:
     "Samples, layer shares (self), activity shares (inclusive), top functions by self and total time."
     total = sum(n for _, n in stacks) or 1
-    layers, self_time, total_time, marked = Counter(), Counter(), Counter(), Counter()
+    layers, self_time, total_time, marked = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
     for frames, n in stacks:
         layers[layer(frames[-1])] += n
         self_time[function_name(frames[-1])] += n
@@ -128,7 +129,7 @@ COLOURS = {
 
 def _tree(stacks: Stacks) -> dict:
     "The stacks as a tree of frames: name, samples `n`, children by name."
-    root = {"name": "all", "n": 0, "children": {}}
+    root: dict[str, Any] = {"name": "all", "n": 0, "children": {}}
     for frames, n in stacks:
         node = root
         node["n"] += n
@@ -184,7 +185,8 @@ def flamegraph_svg(stacks: Stacks, title: str, width: int = 1200, row: int = 16)
 def speedscope_json(stacks: Stacks, name: str) -> dict:
     "The samples in speedscope's file format (one sampled profile)."
     index: dict[str, int] = {}
-    frames, samples, weights = [], [], []
+    frames: list[dict[str, Any]] = []
+    samples, weights = [], []
     for stack, n in stacks:
         ids = []
         for f in stack:
@@ -293,7 +295,13 @@ def profile_service(
     export, tool = load_export(folder), load_tool(tool)
     names = targets or ["health", *export.models]
     paths = {name: warm_paths(export, None if name == "health" else name) for name in names}
-    recording = {"seconds": seconds, "connections": connections, "rate": rate, "tool": tool, "native": native}
+    recording: dict[str, Any] = {
+        "seconds": seconds,
+        "connections": connections,
+        "rate": rate,
+        "tool": tool,
+        "native": native,
+    }
     with live_service(folder, log=out / "service.log") as service:
         for name in names:  # warm-up: every model's pages touched before the first recording
             run_load(service.url, paths[name], 1.0, connections, name, tool)

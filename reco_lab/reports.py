@@ -164,8 +164,10 @@ MODELS_NOTE = (
 
 def reports_folder(run: StudyRun | None, study: StudySpec, reports_dir: str | Path | None) -> Path:
     "Where the reports go: `reports_dir`, the study run's own folder, or the committed reports/ (reports/<variant>/)."
-    if reports_dir or run:
-        return Path(reports_dir or run.reports_dir)
+    if reports_dir:
+        return Path(reports_dir)
+    if run:
+        return Path(run.reports_dir)
     return project_root() / "reports" / study.variant
 
 # %% ../nbs/41_reports.ipynb #45773863
@@ -332,8 +334,8 @@ def comparison_markdown(before: str | Path, after: str | Path, labels: tuple[str
 # %% ../nbs/41_reports.ipynb #dda8e772
 def _interval(text: str) -> tuple[float, float, float] | None:
     "`+0.0003 [-0.0013, +0.0018]` -> (0.0003, -0.0013, 0.0018); None for the champion's `—`."
-    numbers = re.findall(r"[-+]?\d+\.\d+", text)
-    return tuple(float(n) for n in numbers) if len(numbers) == 3 else None
+    numbers = [float(n) for n in re.findall(r"[-+]?\d+\.\d+", text)]
+    return (numbers[0], numbers[1], numbers[2]) if len(numbers) == 3 else None
 
 
 def verdict_markdown(reports_dir: str | Path | None = None) -> str:

@@ -92,7 +92,9 @@ def parse_only(specs: list[str] | None) -> list[str] | None:
 # %% ../nbs/40_runner.ipynb #da1515ff
 def checked_value(job: Job, key: str, value: Any) -> Any:
     "`value` validated as `job`'s model's param `key`; ValueError naming the parameter, the value and the type."
-    annotation = get_spec(job.model).params.model_fields[key].annotation
+    annotation = get_spec(job.model).params.model_fields[key].annotation if job.model else None
+    if annotation is None:
+        raise ValueError(f"--grid {key}={value!r}: {job.name} has no parameter {key}")
     try:
         return TypeAdapter(annotation).validate_python(value)
     except ValidationError as e:
