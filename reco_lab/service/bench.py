@@ -85,7 +85,8 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
         if time.monotonic() > deadline:
             raise ServiceFailed(f"{url}/health did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
-    name = Path(process.args[0]).name
+    command = process.args if isinstance(process.args, (str, bytes, os.PathLike)) else process.args[0]
+    name = Path(os.fsdecode(command)).name
     raise ServiceFailed(f"{name} exited with code {process.returncode}:\n{log.read_text()[-3000:]}")
 
 
@@ -118,8 +119,8 @@ def live_service(
     limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
     environ = {**os.environ, "SENTRY_DSN": "", **(env or {})}
     with open(log, "wb") as out:
-        command = command(port) if command else serve_command("--port", str(port), *folder, *args)
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environ, preexec_fn=limit)
+        argv = command(port) if command else serve_command("--port", str(port), *folder, *args)
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environ, preexec_fn=limit)
     service = LiveService(f"http://127.0.0.1:{port}", process, log)
     try:
         wait_until_up(service.url, process, log, startup_timeout)
@@ -146,6 +147,12 @@ def _parse_envelope(body: bytes) -> list[dict]:
     return items
 
 # %% ../../nbs/51_service_bench.ipynb #d23e6492
+class _SinkServer(http.server.ThreadingHTTPServer):
+    "The HTTP server of a `SentrySink`: its handler hands each envelope to `sink`."
+
+    sink: "SentrySink"
+
+
 class _EnvelopeHandler(http.server.BaseHTTPRequestHandler):
     "Takes one envelope (gzip or not) and hands it to the server's `sink`."
 
@@ -165,8 +172,9 @@ class SentrySink:
     "A local HTTP endpoint receiving the Sentry SDK's envelopes; `dsn` points the SDK at it."
 
     def __init__(self, keep: bool = True):
-        self.keep, self.envelopes, self.event_count = keep, [], 0
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EnvelopeHandler)
+        self.keep, self.event_count = keep, 0
+        self.envelopes: list[dict] = []  # path, headers, raw body and event items of each envelope
+        self.server = _SinkServer(("127.0.0.1", 0), _EnvelopeHandler)
         self.server.sink = self
         self.dsn = f"http://key@127.0.0.1:{self.server.server_port}/1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -246,16 +254,25 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 def parse_duration_ms(text: str) -> float:
     "Milliseconds in a duration as wrk prints it: `812.00us`, `7.67ms`, `1.02s`, `2.00m`."
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    if not (found := re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)):
+        raise ValueError(f"{text!r} is not a duration as wrk prints it (812.00us, 7.67ms, 1.02s, 2.00m)")
+    value, unit = found.groups()
     return float(value) * _UNITS[unit]
+
+
+def _wrk_field(pattern: str, output: str) -> str:
+    "The first group of `pattern` in wrk's output; ValueError quoting the output's end when it is not there."
+    if not (found := re.search(pattern, output)):
+        raise ValueError(f"no {pattern!r} in wrk's output: ...{output[-500:]!r}")
+    return found.group(1)
 
 
 def parse_wrk(output: str) -> dict:
     "requests, rps, p50_ms, p99_ms and non_2xx from `wrk --latency` output."
     percentile = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)\s*$", output, re.M))
     return {
-        "requests": int(re.search(r"(\d+) requests in", output).group(1)),
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+        "requests": int(_wrk_field(r"(\d+) requests in", output)),
+        "rps": float(_wrk_field(r"Requests/sec:\s+([\d.]+)", output)),
         "p50_ms": parse_duration_ms(percentile["50"]),
         "p99_ms": parse_duration_ms(percentile["99"]),
         "non_2xx": int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", output)) else 0,
@@ -750,8 +767,9 @@ def add_load_options(p: argparse.ArgumentParser, seconds: float, per: str) -> ar
     p.add_argument("--models-dir", help="serving export (default: RECO_LAB_MODELS_DIR or models/)")
     p.add_argument("--seconds", type=float, default=seconds, help=f"load {per} (default {seconds:g})")
     p.add_argument("--connections", type=int, default=16, help="concurrent connections of the load (default 16)")
-    tools = {"choices": ["auto", "wrk", "asyncio"], "default": "auto"}
-    p.add_argument("--tool", **tools, help="load generator (auto: wrk if installed)")
+    p.add_argument(
+        "--tool", choices=["auto", "wrk", "asyncio"], default="auto", help="load generator (auto: wrk if installed)"
+    )
     return p
 
 # %% ../../nbs/51_service_bench.ipynb #d504acbf
