@@ -131,7 +131,7 @@ class _HeadTimeout(_Protocol):
 
     limits: Limits
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_timer: asyncio.TimerHandle | None = None
 
