@@ -67,10 +67,12 @@ sync-check: $(DEV_STAMP)
 	PATH=$(abspath $(BIN)):$$PATH scripts/check-sync .
 
 # ruff (pyproject.toml): lint the notebooks, the library they export, the tests and scripts; the notebooks and tests
-# are formatted with it (reco_lab/ is nbdev's output, so it is checked, never formatted)
+# are formatted with it (reco_lab/ is nbdev's output, so it is checked, never formatted); then mypy type-checks the
+# library ([tool.mypy] in pyproject.toml)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check reco_lab nbs tests scripts docker
 	$(BIN)/ruff format --check nbs tests scripts docker
+	$(BIN)/mypy
 
 # the notebooks' own tests; their MLflow runs go to a throw-away store
 nbdev-test: $(DEV_STAMP)
