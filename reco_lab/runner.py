@@ -242,8 +242,10 @@ class Heartbeat:
 
     def __init__(self, status: Path, log: Callable[[str], None], every: float = 30.0):
         self.status, self.log, self.every = status, log, every
-        self._stop, self._thread = threading.Event(), None
-        self.label, self.started, self.expected = "", 0.0, None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.label, self.started = "", 0.0
+        self.expected: float | None = None  # seconds, by the previous study
 
     def job(self, label: str, expected: float | None) -> None:
         "Follow a new job, `expected` seconds long by the previous study (None: no estimate)."
