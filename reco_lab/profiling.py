@@ -17,6 +17,7 @@ import argparse
 import importlib.metadata
 import json
 import platform
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -79,10 +80,10 @@ def layer(frame: str) -> str:
     return next((name for name, prefixes in LAYERS.items() if file.startswith(prefixes)), "other")
 
 # %% ../nbs/52_profiling.ipynb #830da7fd
-MARKERS = {  # activity: substring of a frame anywhere on the stack
-    "request handler": "(reco_lab/service/app.py",  # the routes, and FastPath which answers /health and /reco
-    "model work": "recommend (reco_lab/service/app.py",
-    "access log": "AccessLog.log (reco_lab/",
+MARKERS = {  # activity: a regular expression searched in the stack, its frames joined by `;`
+    "request handler": r"\(reco_lab/service/app\.py:",  # the routes, and FastPath which answers /health and /reco
+    "model work": r"(?:^|;)recommend \(reco_lab/service/app\.py:",
+    "access log": r"AccessLog\.__call__ \(reco_lab/service/logging\.py:\d+\);Logger\.",  # the middleware logs
 }
 RELOADER_FRAMES = ("reload", "watchfiles", "supervisors/", "statreload")
 # the event loop calls a callback or steps a task: asyncio's Handle._run, or (uvloop) the runner the C loop runs under
@@ -133,8 +134,9 @@ def profile_stats(stacks: Stacks, top: int = 10) -> dict:
         start = max((i + 1 for i, f in enumerate(frames) if f.startswith(DISPATCH)), default=0)
         for name in {function_name(f) for f in frames[start:]}:
             total_time[name] += n
-        for activity, needle in MARKERS.items():
-            if any(needle in f for f in frames):
+        stack = ";".join(frames[start:])  # `reco-lab serve` itself starts in reco_lab/service/app.py
+        for activity, pattern in MARKERS.items():
+            if re.search(pattern, stack):
                 marked[activity] += n
     ours = ("reco_lab/service/", "reco_lab/export")
     return {
@@ -584,7 +586,7 @@ def target_section(p: TargetProfile, health: TargetProfile | None) -> list[str]:
         f'height="{flamegraph_height(p.stats["depth"] + 1)}">flamegraph of {p.path}</object>',
         "",
         f"Files: [`{p.target}.svg`]({p.target}.svg) (the flamegraph on its own: click a frame to zoom in, `Search` "
-        "highlights frames), [`{p.target}.speedscope.json`]({p.target}.speedscope.json) "
+        f"highlights frames), [`{p.target}.speedscope.json`]({p.target}.speedscope.json) "
         f"(open in https://www.speedscope.app), [`{p.target}.txt`]({p.target}.txt) (collapsed stacks).",
         "",
         "| top by self time | share | top by total time | share |",
