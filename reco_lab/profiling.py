@@ -230,9 +230,11 @@ FLAME_CSS = (
     "#reset,#search{cursor:pointer;fill:#1565c0;text-decoration:underline}"
 )
 FLAME_JS = r"""
-var frames = [], query = null;
+var frames = [], query = null, charWidth = 6.6;
 function init() {
   document.documentElement.setAttribute("width", "100%");
+  var probe = document.getElementById("search");  // a character of the monospace font this browser has
+  charWidth = probe.getComputedTextLength() / probe.textContent.length || charWidth;
   frames = Array.prototype.slice.call(document.querySelectorAll("g.f"));
   frames.forEach(function (g) {
     var r = g.querySelector("rect");
@@ -271,7 +273,7 @@ function fit() {
   var px = document.documentElement.getBoundingClientRect().width / 100;
   frames.forEach(function (g) {
     if (g.style.display === "none") { return; }
-    var fits = Math.floor((parseFloat(g.querySelector("rect").getAttribute("width")) * px - 6) / 6.6);
+    var fits = Math.floor((parseFloat(g.querySelector("rect").getAttribute("width")) * px - 6) / charWidth);
     g.querySelector("text").textContent =
       fits < 3 ? "" : g.label.length <= fits ? g.label : g.label.slice(0, fits - 2) + "..";
   });
