@@ -12,9 +12,10 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 LIGHTFM_STAMP := $(VENV)/.installed-lightfm
+JUPYTER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.json
 RUN_ARGS ?=
 
-.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale bench-scale-out docker-base docker-image docker-mlflow-image
+.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs lab serve profile bench-serve bench-als bench-scale bench-scale-out docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +39,16 @@ $(RUN_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
 	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS)]"
 	touch $@
 
-$(DEV_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
+$(DEV_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python $(JUPYTER_CONFIG)
 	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS),scale,lab,dev]"
 	touch $(RUN_STAMP) $@
+
+# the project's Jupyter server configuration (configs/jupyter/), linked into the venv so that every `jupyter lab` of
+# it reads it: saving a notebook runs nbdev_clean on it (a save without an edit leaves the file as it was), and the
+# lab asks no server on the internet for news, updates or extensions
+$(JUPYTER_CONFIG): | $(BIN)/python
+	mkdir -p $(@D)
+	ln -sfn $(abspath configs/jupyter/jupyter_server_config.json) $@
 
 # the lock of this Python's tested versions, from the dev environment (after a change of requirements and a green make test)
 lock: $(DEV_STAMP)
@@ -89,6 +97,10 @@ export: $(DEV_STAMP)
 	$(BIN)/nbdev_export
 clean-nbs: $(DEV_STAMP)
 	$(BIN)/nbdev_clean
+# JupyterLab on the notebooks, from the repository root: nbdev's save hook finds settings.ini from the notebook's path
+# relative to the server's working directory
+lab: $(DEV_STAMP) $(JUPYTER_CONFIG)
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 # README.md is nbs/index.ipynb executed: its results tables are rendered from the committed reports
 readme: $(DEV_STAMP)
 	$(BIN)/jupyter nbconvert --to markdown --execute --TagRemovePreprocessor.remove_input_tags=remove_input \

@@ -208,3 +208,34 @@ def test_committed_reports_in_a_browser(browser):
     assert not (dead := dead_links(visits, exists)), "\n".join(dead)
     width, room, header = headline_fits(browser, (ROOT / "reports" / "index.html").as_uri())
     assert width <= room + 1, f"reports/index.html: the leaderboard is {width:.0f} px in {room} px: {header}"
+
+
+_FLAMEGRAPHS = """
+const objects = Array.from(document.querySelectorAll('object[type="image/svg+xml"]'));
+const doc = objects[0].contentDocument;
+const frames = Array.from(doc.querySelectorAll('g.f'));
+const width = g => g.querySelector('rect').getBBox().width;
+const label = g => g.querySelector('text');
+const overflow = frames.filter(g => label(g).textContent && label(g).getComputedTextLength() + 3 > width(g) + 1)
+  .map(g => label(g).textContent);
+const target = frames.filter(g => width(g) < 0.9 * doc.documentElement.getBoundingClientRect().width)
+  .sort((a, b) => width(b) - width(a))[0];
+target.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+return {objects: objects.length, images: document.querySelectorAll('img[src$=".svg"]').length,
+        column: objects[0].getBoundingClientRect().width, svg: doc.documentElement.getBoundingClientRect().width,
+        overflow: overflow, zoomed: target.querySelector('rect').getAttribute('width'),
+        reset: doc.getElementById('reset').getAttribute('display')};
+"""
+
+
+def test_profiling_flamegraphs_are_interactive(browser, served, site):
+    "The profiling report embeds its flamegraphs as SVG documents whose script runs: column wide, labels fit, zoom."
+    page = next(
+        p for p in site.glob("reports/profiling/*.html") if 'type="image/svg+xml"' in p.read_text(encoding="utf-8")
+    )
+    visit(browser, served + page.relative_to(site).as_posix())
+    seen = browser.execute_script(_FLAMEGRAPHS)
+    assert seen["objects"] >= 2 and seen["images"] == 0, seen  # every target's flamegraph, none as a static image
+    assert abs(seen["svg"] - seen["column"]) <= 1, seen  # the SVG takes the column's width, not 1200 px scaled
+    assert not seen["overflow"], seen  # every label cut to its frame
+    assert (seen["zoomed"], seen["reset"]) == ("100%", "inline"), seen  # a click spreads the frame over the width

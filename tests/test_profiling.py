@@ -9,7 +9,7 @@ from support import demo_export, reco_lab
 
 def test_reco_lab_profile_writes_every_report(tmp_path):
     out = tmp_path / "profiling"
-    options = ["--seconds", "2", "--rate", "100"]
+    options = ["--seconds", "2", "--rate", "250"]  # the model work is about 2% of the samples of a /reco request
     done = reco_lab("profile", "--models-dir", str(demo_export(tmp_path)), "--out", str(out), *options, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     targets = ["health", "popular", "knn", "als"]
