@@ -147,7 +147,16 @@ def _categories(values: pd.Series) -> pd.Series:
 class _History:
     "A history's user-item matrix: each user's last items, item-item cosine, item embeddings, users' value shares."
 
-    def __init__(self, inter: pd.DataFrame, items: pd.DataFrame, columns: dict[str, bool], n_factors: int, seed: int):
+    def __init__(
+        self,
+        inter: pd.DataFrame,
+        items: pd.DataFrame,
+        columns: dict[str, bool],
+        n_factors: int,
+        seed: int,
+        neighbours: int,
+    ):
+        from implicit.nearest_neighbours import CosineRecommender
         from scipy import sparse
         from scipy.sparse.linalg import svds
 
@@ -163,9 +172,11 @@ class _History:
         keep = at < 5
         self.last = np.full((len(self.users), 5), -1, dtype=np.int64)
         self.last[su[keep], at[keep]] = si[keep]
-        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
-        xn = x @ sparse.diags(1 / np.maximum(norms, 1e-9))
-        self.cosine = (xn.T @ xn).tocsr()
+        # each item's `neighbours` most similar items, as item-kNN finds them: memory linear in the items
+        cosine = CosineRecommender(K=neighbours, num_threads=1)
+        cosine.fit(x, show_progress=False)
+        self.cosine = cosine.similarity.tocsr()
+        xn = x @ sparse.diags(1 / np.maximum(np.sqrt(np.asarray(x.sum(axis=0)).ravel()), 1e-9))
         k = int(min(n_factors, min(x.shape) - 1))
         if k >= 2:
             v0 = np.random.default_rng(seed).random(min(x.shape))  # ARPACK's start: seeded, so the embedding repeats
@@ -257,8 +268,9 @@ class RankerFeatures(CandidateFeatureCollector):
         per_user_time: bool = False,
         n_factors: int = 32,
         seed: int = 0,
+        neighbours: int = 200,
     ):
-        self.n_factors, self.seed = n_factors, seed
+        self.n_factors, self.seed, self.neighbours = n_factors, seed, neighbours
         self.user_cat = list(user_cat)
         self.item_cat = [c for c in item_cat if c not in multi_valued]
         self.item_text = [c for c in item_cat if c in multi_valued]
@@ -321,6 +333,7 @@ class RankerFeatures(CandidateFeatureCollector):
                 {**dict.fromkeys(self.item_cat, False), **dict.fromkeys(self.item_text, True)},
                 self.n_factors,
                 self.seed,
+                self.neighbours,
             ),
             "groups": {c: _GroupTimeline(inter, self.users, c) for c in self.user_cat},
         }
