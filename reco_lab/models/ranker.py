@@ -156,7 +156,10 @@ class _History:
         seed: int,
         neighbours: int,
     ):
+        import warnings
+
         from implicit.nearest_neighbours import CosineRecommender
+        from implicit.utils import ParameterWarning
         from scipy import sparse
         from scipy.sparse.linalg import svds
 
@@ -174,7 +177,9 @@ class _History:
         self.last[su[keep], at[keep]] = si[keep]
         # each item's `neighbours` most similar items, as item-kNN finds them: memory linear in the items
         cosine = CosineRecommender(K=neighbours, num_threads=1)
-        cosine.fit(x, show_progress=False)
+        with warnings.catch_warnings():  # implicit warns about a COO matrix it builds itself
+            warnings.simplefilter("ignore", ParameterWarning)
+            cosine.fit(x, show_progress=False)
         self.cosine = cosine.similarity.tocsr()
         xn = x @ sparse.diags(1 / np.maximum(np.sqrt(np.asarray(x.sum(axis=0)).ravel()), 1e-9))
         k = int(min(n_factors, min(x.shape) - 1))
@@ -581,6 +586,7 @@ class RankerParams(Params):
     eval_metric: str = Field("AUC", description="the eval-set metric early stopping follows (e.g. NDCG:top=10)")
     n_factors: int = Field(32, ge=1, description="size of the history's item embedding (SVD) the features compare in")
     raw_categoricals: bool = Field(True, description="users' and items' categorical and text columns as features too")
+    neighbours: int = Field(200, ge=1, description="nearest items kept per item for the similarity features")
     ranker_last_n: int = Field(10, ge=1, description="label window under last_n: each user's last n training items")
     ranker_window: str = Field("7D", description="label window under a global protocol: the training data's last span")
     iterations: int = Field(1000, ge=1, description="CatBoost's maximum number of trees")
@@ -642,6 +648,7 @@ def make_ranker(
         per_user_time=protocol == "last_n",
         n_factors=p.n_factors,
         seed=p.seed,
+        neighbours=p.neighbours,
     )
     features.raw = p.raw_categoricals
     ranking = p.loss != "Logloss"
