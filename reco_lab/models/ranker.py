@@ -218,10 +218,11 @@ class _History:
         emb = np.einsum("pf,pkf->pk", self.emb[i], self.emb[j])
         out = {}
         for name, sim in (("knn_sim", cos), ("emb_sim", emb)):
-            sim = np.where(has, sim, np.nan)
-            for n in (1, 3, 5):
-                with np.errstate(invalid="ignore"):
-                    out[f"{name}_last{n}"] = np.nanmean(sim[:, :n], axis=1) if n > 1 else sim[:, 0]
+            known = np.where(has, sim, 0)
+            for n in (1, 3, 5):  # the mean over the user's known last n items; NaN without one (no empty-slice warning)
+                count = has[:, :n].sum(axis=1)
+                mean = (known[:, :n].sum(axis=1) / np.maximum(count, 1)).astype(sim.dtype)
+                out[f"{name}_last{n}"] = np.where(count > 0, mean, np.nan)
         for c, (m, profile) in self.shares.items():
             share = np.asarray(profile[u].multiply(m[i]).sum(axis=1)).ravel()
             out[f"user_share_{c}"] = np.where(u_known & i_known, share, np.nan)
