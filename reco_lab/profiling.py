@@ -105,7 +105,7 @@ def parser_seen(stacks: Stacks) -> str | None:
     counts = {
         p: sum(n for frames, n in stacks if any(f"({file}:" in f for f in frames)) for p, file in PROTOCOLS.items()
     }
-    best = max(counts, key=counts.get)
+    best = max(counts, key=lambda p: counts[p])
     return best if counts[best] else None
 
 

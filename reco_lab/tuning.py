@@ -54,7 +54,9 @@ def best_tuned_candidate(dataset: str) -> str:
 # %% ../nbs/20_tuning.ipynb #11e247cf
 def base_params(spec: ModelSpec, study: StudySpec, splits: Splits, first_stage: str | None = None) -> Any:
     "What a trial starts from: the resolved params (no curves: eval_every 0), and for the ranker its fixed first stage."
-    fixed: dict[str, Any] = {"seed": study.seed}
+    fixed: dict[str, Any] = {}
+    if "seed" in spec.params.model_fields:  # kNN, EASE and popular are deterministic: no seed to set
+        fixed["seed"] = study.seed
     if "eval_every" in spec.params.model_fields:
         fixed["eval_every"] = 0
     if "first_stage" in spec.params.model_fields:
