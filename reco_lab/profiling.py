@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from .core import console_script, project_root
+from .core import console_script, project_root, shown
 from .export import load_export
 from .export import models_dir as default_models_dir
 from .service.bench import LiveService, Load, export_facts, live_service, load_tool, measured_load, run_load
@@ -416,7 +416,7 @@ def profiles_json(folder: Path, export: dict, profiles: list[TargetProfile], **s
         for p in profiles
     ]
     return {
-        "export": {"folder": str(folder), **export},
+        "export": {"folder": shown(folder), **export},
         "server": server_facts(),
         "settings": settings,
         "targets": targets,
@@ -645,19 +645,25 @@ def profile_parser() -> argparse.ArgumentParser:
 # %% ../nbs/52_profiling.ipynb #c481eddd
 def main(argv: list[str] | None = None) -> int:
     "`reco-lab profile`: execute nbs/52_profiling.ipynb through papermill, writing reports/profiling/."
+    import nbformat
     import papermill
 
     args = profile_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    params = {k: v for k, v in vars(args).items() if k != "out"} | {"out_dir": str(out)}
+    # the kernel runs at the repository root: the paths the executed copy records are relative to it when inside it
+    params = {k: v for k, v in vars(args).items() if k != "out"} | {"out_dir": shown(out)}
+    source, executed = project_root() / "nbs" / "52_profiling.ipynb", out / "52_profiling.ipynb"
     papermill.execute_notebook(
-        str(project_root() / "nbs" / "52_profiling.ipynb"),
-        str(out / "52_profiling.ipynb"),
+        str(source),
+        str(executed),
         parameters=params,
         cwd=str(project_root()),
         progress_bar=False,
         kernel_name="python3",
     )
+    nb = nbformat.read(executed, as_version=4)  # papermill records the paths it was given: no machine's folders in git
+    nb.metadata.papermill.update(input_path=shown(source), output_path=shown(executed))
+    nbformat.write(nb, executed)
     print(f"profiles written to {out}/ (README.md, <target>.svg, .speedscope.json, .txt)")
     return 0
