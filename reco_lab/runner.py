@@ -376,7 +376,10 @@ def run_study(
     start, done, seconds, before = time.perf_counter(), [], {}, previous_timings(study)
     status = out / "progress.txt"
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL": "WARNING"}  # no stderr noise
-    os.environ.update({"RECO_LAB_PROGRESS": str(status), **{k: v for k, v in quiet.items() if k not in os.environ}})
+    # the kernels inherit this environment: mlflow's own calls in a notebook read the study's store, wherever it is
+    kernels = {"RECO_LAB_PROGRESS": str(status), "MLFLOW_TRACKING_URI": client.tracking_uri}
+    saved = {k: os.environ.get(k) for k in kernels}
+    os.environ.update({**kernels, **{k: v for k, v in quiet.items() if k not in os.environ}})
     try:
         with Heartbeat(status, log) as beat:
             for i, job in enumerate(jobs, 1):
@@ -392,6 +395,10 @@ def run_study(
                 seconds[job.label] = time.perf_counter() - t0
                 log(f"[{i}/{len(jobs)}] {job.label} done in {_minutes(seconds[job.label])}")
     finally:
-        os.environ.pop("RECO_LAB_PROGRESS", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     save_timings(study, seconds)
     return StudyRun(study, out, reports, done, time.perf_counter() - start, full)
