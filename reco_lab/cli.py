@@ -10,6 +10,7 @@ __all__ = ['DELEGATED', 'cmd_summary', 'study_of', 'cmd_run', 'cmd_leaderboard',
 import reco_lab.core  # noqa: F401
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
+    # MLflow's INFO lines (a new store's table creation) are noise at the terminal; MLFLOW_LOGGING_LEVEL=INFO shows them
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
     except Exception as e:

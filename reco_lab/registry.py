@@ -211,7 +211,7 @@ def _fetch(uri: str, store: str, staging: Path, deadline: float) -> Path:
     "One attempt: the MLflow model at `uri` downloaded into `staging`; DownloadFailed if a retry might succeed."
     from mlflow.exceptions import MlflowException
 
-    from reco_lab.tracking import TrackingUnavailable, check_tracking
+    from reco_lab.tracking import TrackingMisconfigured, TrackingUnavailable, check_tracking
 
     try:
         with mlflow_http(deadline - time.monotonic()):
@@ -221,8 +221,10 @@ def _fetch(uri: str, store: str, staging: Path, deadline: float) -> Path:
                 return Path(
                     mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=store)
                 )
-    except TrackingUnavailable as e:
-        raise DownloadFailed(f"cannot download {uri}: {e}") from None
+    except TrackingUnavailable as e:  # down: retried; a URI no store answers to: final
+        raise (ExportError if isinstance(e, TrackingMisconfigured) else DownloadFailed)(
+            f"cannot download {uri}: {e}"
+        ) from None
     except MlflowException as e:
         message = f"cannot download {uri}: {str(e).splitlines()[0][:300]}"
         raise (ExportError if e.error_code in FINAL else DownloadFailed)(message) from None

@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 from collections.abc import Callable
 
 from pydantic import TypeAdapter, ValidationError
 
 from .catalog import SPECS, get_spec
 from .contract import StudySpec
-from .core import project_root, settings
+from .core import project_root, settings, shown
 from .tracking import check_tracking, search_runs
 
 # %% ../nbs/40_runner.ipynb #cc224218
@@ -99,9 +99,13 @@ def checked_value(job: Job, key: str, value: Any) -> Any:
         return TypeAdapter(annotation).validate_python(value)
     except ValidationError as e:
         problem = e.errors()[0]["msg"]
-        raise ValueError(
-            f"--grid {key}={value!r}: {job.name} takes {annotation} values for {key} ({problem})"
-        ) from None
+        allowed = get_args(annotation) if get_origin(annotation) is Literal else ()
+        kind = (
+            f"one of {', '.join(map(repr, allowed))}"
+            if allowed
+            else f"{getattr(annotation, '__name__', annotation)} values"
+        )
+        raise ValueError(f"--grid {key}={value!r}: {job.name} takes {kind} for {key} ({problem})") from None
 
 # %% ../nbs/40_runner.ipynb #f26933b2
 def plan(only: list[str] | None = None, grid: dict[str, list[Any]] | None = None, jobs: list[Job] = STUDY) -> list[Job]:
@@ -366,7 +370,7 @@ def run_study(
     writable_dir(reports, "--reports-dir")
     if (study.quick or study.variant) and not study.models_dir and not settings().models_dir:
         # models/ (what the service serves) is the headline study's full champion's; the others export beside
-        study = study.model_copy(update={"models_dir": str(out / "models")})
+        study = study.model_copy(update={"models_dir": shown(out / "models")})
     relevance = f", relevant: rating >= {study.min_rating:g}" if study.min_rating else ""
     log(
         f"study {study.study_id}: {len(jobs)} notebooks on {study.dataset} ({study.protocol}"
