@@ -101,10 +101,12 @@ clean-nbs: $(DEV_STAMP)
 # relative to the server's working directory
 lab: $(DEV_STAMP) $(JUPYTER_CONFIG)
 	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
-# README.md is nbs/index.ipynb executed: its results tables are rendered from the committed reports
+# README.md is nbs/index.ipynb executed: its results tables are rendered from the committed reports; the configuration
+# guide is written from the settings classes
 readme: $(DEV_STAMP)
 	$(BIN)/jupyter nbconvert --to markdown --execute --TagRemovePreprocessor.remove_input_tags=remove_input \
 		--output-dir . --output README nbs/index.ipynb
+	$(BIN)/python -c "from reco_lab.reports import configuration_page as p; open('docs/guides/configuration.md', 'w').write(p())"
 # the HTML site in _docs/ (open _docs/index.html): every notebook with its show_doc entries, the API reference, the
 # README as index, the committed reports, offline search (scripts/build-docs, mkdocs.yml)
 docs: $(DEV_STAMP)

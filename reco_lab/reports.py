@@ -6,7 +6,7 @@
 __all__ = ['PROTOCOL_NOTES', 'HEADLINE', 'FOLDS_NOTE', 'MODELS_NOTE', 'study_runs', 'fold_values', 'leaderboard', 'split_board',
            'champion_run_id', 'with_champion', 'display_uri', 'reports_folder', 'study_title', 'study_header',
            'notebook_links', 'write_reports', 'results_markdown', 'comparison_markdown', 'verdict_markdown',
-           'headline_markdown', 'notebook_map']
+           'headline_markdown', 'configuration_page', 'notebook_map']
 
 # %% ../nbs/41_reports.ipynb #2621787f
 import reco_lab.core  # noqa: F401
@@ -343,26 +343,50 @@ def verdict_markdown(reports_dir: str | Path | None = None) -> str:
     board = _board(reports_dir)
     champion = board[board["model"].str.contains(r"\(champion", regex=True)].iloc[0]
     name = champion["model"].split(" (")[0]
-    groups: dict[str, list[str]] = {"above": [], "within": [], "below": []}
+    groups: dict[str, list[str]] = {"better": [], "tied": [], "worse": []}  # the champion against each model
     for _, row in board.drop_duplicates("model").iterrows():
         if (found := _interval(row["Δ vs champion [95% CI]"])) is None or row["model"].startswith(name + " "):
             continue
-        diff, low, high = found
-        side = "above" if high < 0 else "below" if low > 0 else "within"  # Δ is the other model minus the champion
+        diff, high, low = (-v for v in found)  # the board's Δ is the other model minus the champion: turned round
+        side = "better" if low > 0 else "worse" if high < 0 else "tied"
         groups[side].append(f"{row['model']} ({diff:+.4f} [{low:+.4f}, {high:+.4f}])")
-    say = lambda models: ", ".join(models) or "none"  # noqa: E731
+    said = [
+        f"{verb} {', '.join(groups[side])}"
+        for side, verb in (
+            ("better", "it is better than"),
+            ("tied", "it cannot be told apart from"),
+            ("worse", "it is worse than"),
+        )
+        if groups[side]
+    ]
     return (
         f"Validation chose **{name}** (validation MAP@{K} {champion[f'val MAP@{K}']}, "
-        f"test {champion[f'test MAP@{K}']}). "
-        f"On the test folds, its paired 95% interval lies above 0 against {say(groups['above'])}; it cannot be told "
-        f"apart from {say(groups['within'])}; it is worse than {say(groups['below'])} "
-        f"(each model's test MAP@{K} minus the champion's)."
+        f"test {champion[f'test MAP@{K}']}). On the test folds (the champion's test MAP@{K} minus each model's, with "
+        f"its paired 95% interval), {'; '.join(said)}."
     )
 
 # %% ../nbs/41_reports.ipynb #155640dc
 def headline_markdown(reports_dir: str | Path | None = None) -> str:
     "A committed leaderboard's headline columns as markdown (what `reco-lab run` prints at the end)."
     return split_board(_board(reports_dir))[0].to_markdown(index=False, disable_numparse=True)
+
+# %% ../nbs/41_reports.ipynb #c0f1a9e3
+def configuration_page() -> str:
+    "The configuration guide as markdown: the lab's and the service's settings, one row each (`models_dir` once)."
+    from reco_lab.core import LabSettings, settings_table
+    from reco_lab.service.settings import Settings as ServiceSettings
+
+    lab, service = settings_table(LabSettings).splitlines(), settings_table(ServiceSettings).splitlines()
+    intro = (
+        "# Configuration\n\nEverything comes from the environment (pydantic settings: `LabSettings` in `00_core`, the "
+        "service's `Settings` in `30_service_settings`); no secret is committed (`.env.example` has placeholders). "
+        "Sentry takes the SDK's own `SENTRY_DSN`, `SENTRY_ENVIRONMENT` and `SENTRY_RELEASE`. This page is generated "
+        "from the settings classes by `make readme`.\n\n"
+    )
+    rows: dict[str, str] = {}  # by variable: the service's RECO_LAB_MODELS_DIR is the lab's
+    for line in lab + service[2:]:
+        rows.setdefault(line.split("|")[1].strip(), line)
+    return intro + "\n".join(rows.values()) + "\n"
 
 # %% ../nbs/41_reports.ipynb #b148f3f6
 def notebook_map(nbs: Path | None = None) -> str:

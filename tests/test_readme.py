@@ -2,7 +2,7 @@
 
 from conftest import ROOT
 
-from reco_lab.reports import comparison_markdown, results_markdown, verdict_markdown
+from reco_lab.reports import comparison_markdown, configuration_page, results_markdown, verdict_markdown
 
 
 def test_readme_results_are_generated_from_the_reports():
@@ -22,3 +22,10 @@ def test_readme_results_are_generated_from_the_reports():
 def test_the_readme_is_a_front_page():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 200, f"README.md has {len(lines)} lines: move detail into docs/guides/"
+
+
+def test_the_configuration_guide_is_generated_from_the_settings():
+    page = (ROOT / "docs" / "guides" / "configuration.md").read_text(encoding="utf-8")
+    assert page == configuration_page(), (
+        "docs/guides/configuration.md is out of date with the settings: run `make readme`"
+    )

@@ -191,8 +191,12 @@ def test_curves_come_from_the_validation_split(study):
     best = max((r for m, r in runs.items() if m != "ranker"), key=lambda r: r.data.metrics["val_map_at_10"])
     assert first["model"] == best.data.tags["model"] and first["run_id"] == best.info.run_id
     assert first["val_map_at_10"] == best.data.metrics["val_map_at_10"]
-    learn = client.get_metric_history(ranker.info.run_id, "learn_logloss_fold_0")
-    evals = client.get_metric_history(ranker.info.run_id, "eval_auc_fold_0")
+    # CatBoost's curves per iteration: its loss on the training rows and its stopping metric on the held-out rows
+    loss = ranker.data.params["loss"].lower()
+    learn = client.get_metric_history(ranker.info.run_id, f"learn_{loss}_fold_0")
+    stop = [m for m in ranker.data.metrics if m.startswith("eval_") and m.endswith("_fold_0") and loss not in m]
+    assert stop, sorted(ranker.data.metrics)  # eval_auc_fold_0 under Logloss, eval_ndcg_top_10_type_base_fold_0 ...
+    evals = client.get_metric_history(ranker.info.run_id, stop[0])
     assert [m.step for m in learn] == list(range(len(learn))) and len(learn) > 1 and len(evals) == len(learn)
 
 
