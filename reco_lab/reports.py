@@ -204,7 +204,9 @@ def notebook_links(run: StudyRun | None, reports: Path) -> list[str]:
         stylesheet = project_root() / "reports" / "assets" / "notebook.css"
         for nb in run.notebooks:
             render_html(
-                nb, stylesheet if reports.is_relative_to(project_root()) else None, reports / "html" / f"{nb.stem}.html"
+                nb,
+                stylesheet if reports.resolve().is_relative_to(project_root()) else None,
+                reports / "html" / f"{nb.stem}.html",
             )
     pages = sorted((reports / "html").glob("*.html")) if (reports / "html").is_dir() else []
     return ["## Notebooks of this study", ""] + [f"- [{p.stem}](html/{p.name})" for p in pages] + [""] if pages else []

@@ -338,9 +338,11 @@ def study_dirs(
     reports_dir: str | Path | None = None,
 ) -> tuple[Path, Path]:
     "(output folder, reports folder): only a full study without explicit folders writes the committed reports/."
-    out = Path(output_dir) if output_dir else project_root() / "reports" / "runs" / study.study_id
+    # folders given on the command line are relative to where it runs: resolved, so that what compares them with the
+    # checkout (the reports' shared stylesheet, the paths a report shows) sees where they are
+    out = Path(output_dir).resolve() if output_dir else project_root() / "reports" / "runs" / study.study_id
     if reports_dir:
-        reports = Path(reports_dir)
+        reports = Path(reports_dir).resolve()
     elif output_dir or not full:
         reports = out
     else:
