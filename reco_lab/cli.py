@@ -66,7 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"index with the rendered notebooks: {board.parent / 'index.html'}")
     print(f"executed notebooks: {run.output_dir}")
     if run.full and not run.spec.variant:
-        print("served export: models/ (reco-lab serve), champion: models:/reco_lab@champion in MLflow")
+        from reco_lab.core import shown
+        from reco_lab.export import models_dir
+
+        print(f"served export: {shown(models_dir())}/ (reco-lab serve), champion: models:/reco_lab@champion in MLflow")
     return 0
 
 # %% ../nbs/60_cli.ipynb #a1d9610d
