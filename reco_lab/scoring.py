@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['tie_ranks', 'kth_bound', 'top_k', 'popular_order', 'popular_items', 'popular_topk', 'vector_factors', 'score_rows',
-           'block_rows', 'rank_users', 'Ranking', 'ranking_of', 'topk_items', 'reco_frame', 'check_topk']
+           'block_rows', 'rank_users', 'Ranking', 'ranking_of', 'topk_scored', 'topk_items', 'reco_frame', 'check_topk']
 
 # %% ../nbs/04_scoring.ipynb #52c11be3
 import reco_lab.core  # noqa: F401
@@ -99,13 +99,17 @@ def popular_topk(
 
 # %% ../nbs/04_scoring.ipynb #e0f8f535
 def vector_factors(model: ModelBase, dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
-    "User and item factors whose dot product is the model's score (ALS, LightFM with biases), or None."
+    "User and item factors whose dot product is the model's score (ALS, LightFM with biases, any DOT VectorModel)."
     from rectools.models import ImplicitALSWrapperModel, LightFMWrapperModel
+    from rectools.models.rank import Distance
+    from rectools.models.vector import VectorModel
 
     if isinstance(model, ImplicitALSWrapperModel):
         users, items = model.get_vectors()
     elif isinstance(model, LightFMWrapperModel):
         users, items = model.get_vectors(dataset)
+    elif isinstance(model, VectorModel) and model.u2i_dist == Distance.DOT:
+        users, items = model._get_u2i_vectors(dataset)  # any other dot-product model of rectools (PureSVD, ...)
     else:
         return None
     return np.ascontiguousarray(users, dtype=np.float32), np.ascontiguousarray(items, dtype=np.float32)
@@ -214,6 +218,8 @@ class Ranking:
         "Top-`k` unseen (external item ids, scores) of `users[start:stop]`, -1/NaN padded."
         if self.model is not None:
             return _recommend_matrix(self.model, self.dataset, self.users[start:stop], k, self.grain)
+        if self.seen is None:
+            raise ValueError("Ranking: popular and scored models need `seen` (only one with `model` ranks without)")
         rows = self.rows[start:stop]
         known = rows >= 0
         ids, values = np.full((len(rows), k), -1, dtype=np.int64), np.full((len(rows), k), np.nan, dtype=np.float32)
@@ -222,6 +228,8 @@ class Ranking:
             if not known.all():  # popular needs no history: strangers get its list
                 ids[~known], values[~known] = popular_topk(*self.popular, sparse.csr_matrix((1, self.seen.shape[1])), k)
         else:
+            if self.scores is None or self.ties is None:
+                raise ValueError("Ranking: without `model` or `popular`, `scores` and `ties` are needed")
             ids[known], values[known] = rank_users(self.scores, rows[known], self.seen, k, self.ties, threads)
         return np.where(ids < 0, -1, self.external[np.maximum(ids, 0)]), values
 
@@ -243,18 +251,18 @@ def ranking_of(model: ModelBase, dataset: Dataset, users, batch: int = 20_000) -
     return Ranking(users, rows, external, batch, model=model, dataset=dataset)
 
 
+def topk_scored(
+    model: ModelBase, dataset: Dataset, users, k: int, batch: int = 20_000, num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    "Top-`k` unseen item ids (external) of each of `users` as a -1 padded matrix, and their NaN padded scores."
+    return ranking_of(model, dataset, users, batch).rank(0, len(users), k, num_threads)
+
+
 def topk_items(
-    model: ModelBase,
-    dataset: Dataset,
-    users,
-    k: int,
-    batch: int = 20_000,
-    num_threads: int | None = None,
-    with_scores: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    "Top-`k` unseen item ids (external) of each of `users` as a -1 padded matrix (and the NaN padded scores)."
-    found = ranking_of(model, dataset, users, batch).rank(0, len(users), k, num_threads)
-    return found if with_scores else found[0]
+    model: ModelBase, dataset: Dataset, users, k: int, batch: int = 20_000, num_threads: int | None = None
+) -> np.ndarray:
+    "Top-`k` unseen item ids (external) of each of `users` as a -1 padded matrix."
+    return topk_scored(model, dataset, users, k, batch, num_threads)[0]
 
 # %% ../nbs/04_scoring.ipynb #3b42752e
 def reco_frame(users, items: np.ndarray) -> pd.DataFrame:
@@ -272,7 +280,7 @@ def reco_frame(users, items: np.ndarray) -> pd.DataFrame:
 # %% ../nbs/04_scoring.ipynb #3005245d
 def check_topk(model: ModelBase, dataset: Dataset, users, k: int = 10, min_same: float = 0.95) -> float:
     "Assert `topk_items` scores like the model's `recommend` and mostly lists alike; the share of identical lists."
-    fast, fast_scores = topk_items(model, dataset, users, k, with_scores=True)
+    fast, fast_scores = topk_scored(model, dataset, users, k)
     slow = model.recommend(users=np.asarray(users), dataset=dataset, k=k, filter_viewed=True)
     pivot = lambda col: slow.pivot(index=Columns.User, columns=Columns.Rank, values=col).reindex(  # noqa: E731
         index=users, columns=range(1, k + 1)

@@ -28,13 +28,12 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import psutil
-from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .core import answers_ok, console_script, project_root
+from .core import answers_ok, console_script, settings
 
 from .core import free_port  # noqa: F401  (also used by the tests through this module)
 
@@ -51,7 +50,7 @@ class StackError(RuntimeError):
 # %% ../nbs/50_stack.ipynb #40e3f292
 def stack_dir() -> Path:
     "Where the stack keeps its state: `RECO_LAB_STACK_DIR`, else `.stack/` in the repository."
-    return Path(os.environ.get("RECO_LAB_STACK_DIR") or project_root() / ".stack").expanduser().resolve()
+    return settings().folder("stack_dir", ".stack").resolve()
 
 # %% ../nbs/50_stack.ipynb #6c0deb75
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -97,33 +96,29 @@ class Stack:
         "True when artifacts go to a MinIO/S3 endpoint that this stack did not start."
         return bool(self.s3_endpoint) and not self.s3_port
 
-# %% ../nbs/50_stack.ipynb #fd1ca675
-@patch(as_prop=True)
-def state_file(self: Stack) -> Path:
-    "`stack.json` in the stack's folder."
-    return self.dir / "stack.json"
+    @property
+    def state_file(self) -> Path:
+        "`stack.json` in the stack's folder."
+        return self.dir / "stack.json"
 
+    def save(self) -> None:
+        "Write `stack.json`, readable by its owner only (it holds the database password)."
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {**asdict(self), "dir": str(self.dir)}
+        tmp = self.state_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        tmp.replace(self.state_file)
 
-@patch
-def save(self: Stack) -> None:
-    "Write `stack.json`, readable by its owner only (it holds the database password)."
-    self.dir.mkdir(parents=True, exist_ok=True)
-    data = {**asdict(self), "dir": str(self.dir)}
-    tmp = self.state_file.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    tmp.replace(self.state_file)
-
-
-@patch(cls_method=True)
-def load(cls: Stack, folder: Path) -> "Stack | None":
-    "The stack recorded in `folder`, or None."
-    path = Path(folder) / "stack.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return cls(**{**data, "dir": Path(data["dir"])})
+    @classmethod
+    def load(cls, folder: Path) -> "Stack | None":
+        "The stack recorded in `folder`, or None."
+        path = Path(folder) / "stack.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(**{**data, "dir": Path(data["dir"])})
 
 # %% ../nbs/50_stack.ipynb #a6ad8bbc
 def process(stack: Stack, name: str) -> psutil.Process | None:
@@ -193,7 +188,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 # %% ../nbs/50_stack.ipynb #460f6ac3
 def postgres_bin() -> Path:
     "The folder with `initdb`, `pg_ctl` and `postgres`: RECO_LAB_PG_BIN, else the newest installed PostgreSQL."
-    if env := os.environ.get("RECO_LAB_PG_BIN"):
+    if env := settings().pg_bin:
         candidates = [Path(env)]
     else:
         candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: float(p.parent.name), reverse=True)
@@ -403,7 +398,8 @@ SEAWEEDFS_PORTS = (
 # %% ../nbs/50_stack.ipynb #f99ea518
 def free_ports(n: int, taken: Iterable[int] = ()) -> list[int]:
     "`n` distinct free loopback ports, none of them in `taken`."
-    ports, taken = [], set(taken)
+    ports: list[int] = []
+    taken = set(taken)
     while len(ports) < n:
         if (port := free_port()) not in taken:
             ports.append(port)
@@ -598,7 +594,7 @@ def configure(
         wanted["mlflow_port"] = port
     elif port == 0 and not healthy(stack, "mlflow"):
         wanted["mlflow_port"] = free_port()
-    if s3_endpoint := s3_endpoint or os.environ.get("RECO_LAB_S3_ENDPOINT_URL"):
+    if s3_endpoint := s3_endpoint or settings().s3_endpoint_url:
         key = s3_key or os.environ.get("AWS_ACCESS_KEY_ID")
         secret = s3_secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
         if not (key and secret):
@@ -621,22 +617,22 @@ def stack_up(folder: str | Path | None = None, *, timeout: float = 240, mlflow: 
     with locked(folder):
         stack = Stack.load(folder) or Stack(folder)
         configure(stack, **kwargs)
-        started = []
+        started: list[Callable[[Stack], None]] = []  # how to stop what this call started
         try:
             for name, start, stop in (("postgres", start_postgres, stop_postgres), ("s3", start_s3, stop_s3)):
                 if not healthy(stack, name):
                     stop(stack)
                     start(stack)
-                    started.append(name)
+                    started.append(stop)
             if not mlflow:
                 stop_mlflow(stack)
             elif stack.mlflow_config != mlflow_config(stack) or not healthy(stack, "mlflow"):
                 stop_mlflow(stack)
                 start_mlflow(stack, timeout=timeout)
-                started.append("mlflow")
+                started.append(stop_mlflow)
         except BaseException:
-            for name in reversed(started):
-                {"postgres": stop_postgres, "s3": stop_s3, "mlflow": stop_mlflow}[name](stack)
+            for undo in reversed(started):
+                undo(stack)
             raise
         finally:
             stack.save()
@@ -652,6 +648,8 @@ def stack_down(folder: str | Path | None = None, *, purge: bool = False) -> Stac
         return None
     with locked(folder):
         stack = Stack.load(folder)
+        if stack is None:  # purged meanwhile by another `stack_down`
+            return None
         try:
             stop_mlflow(stack)
             stop_s3(stack, grace=0 if purge else 20)
@@ -719,7 +717,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", type=Path, default=None, help="state folder (default: RECO_LAB_STACK_DIR or .stack/)")
     sub = p.add_subparsers(dest="action", required=True)
-    up = sub.add_parser("up", help="start PostgreSQL, S3 and mlflow server (what is running is left alone)")
+    up_help = "start PostgreSQL, S3 and mlflow server (what is running is left alone)"
+    up = sub.add_parser("up", help=up_help, description=up_help[0].upper() + up_help[1:] + ".")
     up.add_argument("--port", type=int, default=None, help=f"MLflow's port (default {DEFAULT_PORT}; 0 = any free port)")
     up.add_argument("--host", default=None, help="interface MLflow binds to (default 127.0.0.1)")
     up.add_argument(
@@ -728,16 +727,26 @@ def parser() -> argparse.ArgumentParser:
         help="use this MinIO/S3 endpoint instead of a local SeaweedFS "
         "(default: RECO_LAB_S3_ENDPOINT_URL); keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
     )
-    up.add_argument("--s3-key", default=None)
-    up.add_argument("--s3-secret", default=None)
+    up.add_argument("--s3-key", default=None, help="the external endpoint's access key (default: AWS_ACCESS_KEY_ID)")
+    up.add_argument(
+        "--s3-secret", default=None, help="the external endpoint's secret key (default: AWS_SECRET_ACCESS_KEY)"
+    )
     up.add_argument("--bucket", default=None, help=f"artifact bucket (default {DEFAULT_BUCKET})")
     up.add_argument("--workers", type=int, default=None, help="mlflow server's worker processes (default 2)")
     up.add_argument(
         "--timeout", type=float, default=240, help="seconds to wait for mlflow server (first start migrates)"
     )
-    down = sub.add_parser("down", help="stop every process of the stack (data is kept)")
+    down = sub.add_parser(
+        "down",
+        help="stop every process of the stack (data is kept)",
+        description="Stop every process of the stack; its data is kept unless --purge.",
+    )
     down.add_argument("--purge", action="store_true", help="also delete the database, the bucket's data and the state")
-    sub.add_parser("status", help="show each piece; exit 0 when all answer, 3 otherwise")
+    sub.add_parser(
+        "status",
+        help="show each piece; exit 0 when all answer, 3 otherwise",
+        description="Show each piece of the stack and whether it answers; exit 0 when all do, 3 otherwise.",
+    )
     return p
 
 # %% ../nbs/50_stack.ipynb #bc2e00e2

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -328,3 +329,16 @@ def mlflow_container(engine: Engine, image: str, stack, timeout: float = 300) ->
     finally:
         engine("rm", "-f", name, check=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the docs site, built once per session (test_docs, test_browser) -----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Path:
+    "`make docs`'s site (every notebook, the API, the README, the guides and the committed reports), in a temp folder."
+    out = tmp_path_factory.mktemp("docs") / "site"
+    subprocess.run(
+        [sys.executable, ROOT / "scripts" / "build-docs", "--site-dir", out], cwd=ROOT, check=True, timeout=600
+    )
+    return out

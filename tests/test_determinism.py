@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from reco_lab.core import MODELS, _cpu_flags, console_script
+from reco_lab.catalog import MODEL_NAMES as MODELS
+from reco_lab.core import _cpu_flags, console_script
 
 from support import BIN, ROOT
 
@@ -58,7 +59,7 @@ def runs_by_model(folder: Path) -> tuple[MlflowClient, dict]:
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     runs = {}
     for experiment in client.search_experiments():
-        if experiment.name in ("candidates", "ranker"):
+        if experiment.name == "study":
             for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"):
                 runs[run.data.tags["model"]] = run
     return client, runs

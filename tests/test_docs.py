@@ -5,13 +5,10 @@ search lists every page and entry, and viewing a page fetches nothing from anoth
 import ast
 import json
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
 from nbdev.config import get_config
 from nbdev.doclinks import NbdevLookup, _nbpath2html  # nbdev's page names: the pages _modidx.py links to
 
@@ -50,15 +47,6 @@ class Page(HTMLParser):
         if self._heading and tag == self._heading[0]:
             self.headings.setdefault(tag, []).append("".join(self._heading[1]).replace("¶", "").strip())
             self._heading = None
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("docs") / "site"
-    subprocess.run(
-        [sys.executable, ROOT / "scripts" / "build-docs", "--site-dir", out], cwd=ROOT, check=True, timeout=600
-    )
-    return out
 
 
 def plain(markdown: str) -> str:

@@ -89,16 +89,21 @@ def ray_cluster(workers: int = 1) -> Iterator[tuple[str, list[Node]]]:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
     "A small full study (popular and ALS on synthetic data) in its own MLflow store, and its champion's export."
+    from reco_lab.catalog import get_spec
     from reco_lab.champion import best_runs_per_model, build_export, select_champion
+    from reco_lab.contract import StudySpec, resolve_params
     from reco_lab.evaluation import split_id
-    from reco_lab.experiment import resolve_params, run_experiment, setup
+    from reco_lab.experiment import run_experiment, setup
 
     folder = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    data, protocol, splits = setup("synthetic:20000", seed=42)
+    nightly = StudySpec(dataset="synthetic:20000", seed=42, study_id="nightly")
+    data, splits = setup(nightly)
+    protocol = nightly.protocol
     for name in ("popular", "als"):
-        params = resolve_params(name, data.name, {"factors": 16, "epochs": 3} if name == "als" else {})
-        run_experiment(name, params, data, protocol, splits, study_id="nightly", uri=uri, log=lambda _: None)
+        spec = get_spec(name)
+        params = resolve_params(spec, data.name, {"factors": 16, "epochs": 3} if name == "als" else {})
+        run_experiment(spec, params, data, nightly, splits, uri=uri, log=lambda _: None)
     split = split_id(splits)
     champion = select_champion(data.name, protocol, split, uri=uri)
     served = best_runs_per_model(data.name, protocol, split, uri=uri)

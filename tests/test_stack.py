@@ -122,7 +122,7 @@ def test_a_run_lands_in_postgres_and_its_artifact_in_the_bucket(stack, uri):
         "SELECT r.name, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id) WHERE r.run_uuid = %s",
         r.run_id,
     )
-    assert name.startswith("als_") and status == "FINISHED" and experiment == "candidates"
+    assert name.startswith("als_") and status == "FINISHED" and experiment == "study"
     params = dict(query(stack, "SELECT key, value FROM params WHERE run_uuid = %s", r.run_id))
     assert params == {"model": "als", "factors": "8", "epochs": "4"}
     by_fold = query(

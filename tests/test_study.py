@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from reco_lab import stack as st
-from reco_lab.core import MODELS as ALL_MODELS
+from reco_lab.catalog import MODEL_NAMES as ALL_MODELS
 from reco_lab.core import free_port
 
 from conftest import BIN, query, run, tool
@@ -76,7 +76,7 @@ def finished_runs(client, quick: bool | None = True):
     "Finished candidate and ranker runs (of the quick study by default; None: all)."
     runs = []
     for exp in client.search_experiments():
-        if exp.name in ("candidates", "ranker"):
+        if exp.name == "study":
             runs += client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
     return [r for r in runs if quick is None or r.data.tags["quick"] == str(quick).lower()]
 
@@ -92,7 +92,7 @@ def test_rows_land_in_postgres_and_artifacts_in_the_bucket(study, tracking_stack
     runs = query(
         tracking_stack, "SELECT r.run_uuid, r.status, e.name FROM runs r JOIN experiments e USING (experiment_id)"
     )
-    assert {name for _, _, name in runs} >= {"candidates", "ranker"}
+    assert {name for _, _, name in runs} >= {"study"}
     finished = [rid for rid, status, _ in runs if status == "FINISHED"]
     params = query(tracking_stack, "SELECT count(*) FROM params WHERE run_uuid = ANY(%s)", finished)[0][0]
     steps = query(
@@ -123,7 +123,7 @@ def test_a_quick_study_never_moves_the_champion(study):
 
 def test_progress_and_every_notebook_rendered(study):
     tmp, _, result = study
-    assert "[1/7]" in result.stdout and "[7/7] 23_select_champion_champion done" in result.stdout
+    assert "[1/7]" in result.stdout and "[7/7] 24_champion_champion done" in result.stdout
     summary = dict(line.split(None, 1) for line in result.stdout.splitlines()[:4] if line.strip())
     assert (summary["interactions"].strip(), summary["users"].strip(), summary["items"].strip()) == (
         "100000",
@@ -151,12 +151,8 @@ def test_runs_have_validation_and_test_metrics_by_fold(study):
         (data_input,) = r.inputs.dataset_inputs
         assert data_input.dataset.name == "ml-100k" and len(data_input.dataset.digest) == 16
         notebooks = [a.path for a in client.list_artifacts(r.info.run_id, "notebook")]
-        own = Path(
-            r.data.tags["mlflow.source.name"]
-        ).stem  # e.g. 14_catboost_pointwise, as 06_14_catboost_pointwise_ranker.html
-        assert any(own in path for path in notebooks) and any("23_select_champion" in path for path in notebooks), (
-            notebooks
-        )
+        own = Path(r.data.tags["mlflow.source.name"]).stem  # e.g. 18_ranker, as 06_18_ranker_ranker.html
+        assert any(own in path for path in notebooks) and any("24_champion" in path for path in notebooks), notebooks
         for metric in ("map_at_10", "val_map_at_10"):
             history = client.get_metric_history(r.info.run_id, f"{metric}_by_fold")
             assert [m.step for m in history] == [0, 1], (name, metric)
@@ -190,12 +186,17 @@ def test_curves_come_from_the_validation_split(study):
         assert client.get_metric_history(als, f"val_map_at_10_fold_{k}")
         assert not client.get_metric_history(als, f"map_at_10_fold_{k}")
     ranker = runs["ranker"]
-    first = ranker.data.params["first_stage"]
-    assert first in MODELS - {"ranker"}
+    first = json.loads(ranker.data.params["first_stage"])  # the typed FirstStage, as MLflow holds it
+    assert first["model"] in MODELS - {"ranker"}
     best = max((r for m, r in runs.items() if m != "ranker"), key=lambda r: r.data.metrics["val_map_at_10"])
-    assert first == best.data.tags["model"] and ranker.data.params["first_stage_run_id"] == best.info.run_id
-    learn = client.get_metric_history(ranker.info.run_id, "learn_logloss_fold_0")
-    evals = client.get_metric_history(ranker.info.run_id, "eval_auc_fold_0")
+    assert first["model"] == best.data.tags["model"] and first["run_id"] == best.info.run_id
+    assert first["val_map_at_10"] == best.data.metrics["val_map_at_10"]
+    # CatBoost's curves per iteration: its loss on the training rows and its stopping metric on the held-out rows
+    loss = ranker.data.params["loss"].lower()
+    learn = client.get_metric_history(ranker.info.run_id, f"learn_{loss}_fold_0")
+    stop = [m for m in ranker.data.metrics if m.startswith("eval_") and m.endswith("_fold_0") and loss not in m]
+    assert stop, sorted(ranker.data.metrics)  # eval_auc_fold_0 under Logloss, eval_ndcg_top_10_type_base_fold_0 ...
+    evals = client.get_metric_history(ranker.info.run_id, stop[0])
     assert [m.step for m in learn] == list(range(len(learn))) and len(learn) > 1 and len(evals) == len(learn)
 
 
@@ -236,10 +237,12 @@ def test_leaderboard_lists_every_model_with_its_interval(study):
 def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = reco_lab(
-        "run", "--quick", "--only", "popular,knn", "--grid", "knn_weighting=nonsense", *study_dirs(tmp_path), env=env
+        "run", "--quick", "--only", "popular,knn", "--grid", "knn_neighbours=0", *study_dirs(tmp_path), env=env
     )
+    # the command line checks a grid value's type; the field's bounds are checked where the notebook builds its params
     assert result.returncode == 1
-    assert "10_baselines (knn) failed in cell" in result.stderr and "unknown knn_weighting 'nonsense'" in result.stderr
+    assert "10_baselines (knn) failed in cell" in result.stderr and "knn_neighbours" in result.stderr
+    assert "greater than or equal to 1" in result.stderr
     assert str(tmp_path / "out") in result.stderr
     runs = finished_runs(MlflowClient(env["MLFLOW_TRACKING_URI"]), None)
     assert [r.data.tags["model"] for r in runs] == ["popular"]
@@ -249,6 +252,10 @@ def test_failing_notebook_stops_with_its_error_and_keeps_earlier_runs(tmp_path):
     "args, message",
     [
         (["--grid", "factors=abc", "--only", "als"], "takes int values for factors"),
+        (
+            ["--grid", "knn_weighting=nonsense", "--only", "knn"],
+            "takes one of 'cosine', 'tfidf', 'bm25' for knn_weighting",
+        ),
         (["--only", ","], "names no job"),
         (["--output-dir", "/proc/no-such-dir/out"], "--output-dir /proc/no-such-dir/out cannot be written"),
         (["--reports-dir", "/proc/no-such-dir/reports"], "--reports-dir /proc/no-such-dir/reports cannot be written"),

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import sentry_sdk
 from fastapi import Depends, FastAPI, Request, Response
@@ -261,7 +261,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--http", help="HTTP parser: auto, httptools (uvloop) or h11 (asyncio) (RECO_LAB_HTTP, default auto)"
     )
-    switch = {"action": argparse.BooleanOptionalAction, "default": None}
+    switch: dict[str, Any] = {"action": argparse.BooleanOptionalAction, "default": None}
     emulation = f"fail on purpose for user ids that are multiples of {FAILING_MULTIPLE}, the Sentry demo"
     p.add_argument("--emulate-errors", **switch, help=f"{emulation} (RECO_LAB_EMULATE_ERRORS)")
     p.add_argument("--docs", **switch, help="serve /docs, /redoc and /openapi.json (RECO_LAB_DOCS, default on)")
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         app.state.export = served_export(settings)  # before uvicorn: SIGTERM still ends a stalled start at once
     except StartupFailed:
         return 3  # logged in one line
-    server = {"host": settings.host, "port": settings.port, "lifespan": "on", "reload": False, "workers": 1}
-    uvicorn.run(app, log_config=log, **server, **options)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, lifespan="on", reload=False, workers=1, log_config=log, **options
+    )
     return 0

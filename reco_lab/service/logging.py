@@ -20,11 +20,14 @@ from typing import Any
 
 import ecs_logging
 import sentry_sdk
+from sentry_sdk.integrations import Integration
 from sentry_sdk.integrations.fastapi import FastApiIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.modules import ModulesIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
+from sentry_sdk.types import Event
 from sentry_sdk.utils import BadDsn, Dsn
+from starlette.types import Scope
 
 from .errors import ERRORS_LOGGER, recording_status, redact, request_info
 
@@ -167,7 +170,7 @@ def _scrub_frames(value: Any) -> None:
             _scrub_frames(v)
 
 
-def scrub(event: dict, secrets: tuple[str, ...] = (), client_address: bool = False) -> dict:
+def scrub(event: Event, secrets: tuple[str, ...] = (), client_address: bool = False) -> Event:
     "The event with frames' locals and the request reduced to their allow-lists, and `secrets` redacted."
     _scrub_frames(event.get("exception"))
     _scrub_frames(event.get("threads"))
@@ -199,7 +202,7 @@ def init_sentry(secrets: tuple[str, ...] = (), *, asgi: bool = False, client_add
         return False
     check_sentry_dsn()
     secrets = tuple(s for s in secrets if s)
-    integrations = [LoggingIntegration(level=None, event_level=logging.ERROR)]
+    integrations: list[Integration] = [LoggingIntegration(level=None, event_level=logging.ERROR)]
     if asgi:
         integrations += [StarletteIntegration(), FastApiIntegration()]
     sentry_sdk.init(
@@ -225,7 +228,7 @@ def new_trace_id() -> str | None:
 INT64 = 2**63
 
 
-def access_fields(scope: dict, info: dict, status: int, duration_ns: int) -> dict[str, Any]:
+def access_fields(scope: Scope, info: dict, status: int, duration_ns: int) -> dict[str, Any]:
     "The ECS fields of a request's access line: method, path, status, duration, model, validated user, trace id."
     fields = {
         "event.dataset": "reco_lab.access",

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -111,12 +111,27 @@ def concurrency_guard(app, limit: int, connections: set, tasks: set, overload: t
     return guarded
 
 # %% ../../nbs/33_service_server.ipynb #db4cf707
-class _HeadTimeout:
+if TYPE_CHECKING:
+
+    class _Protocol(asyncio.Protocol):
+        "What the mixins below use of the uvicorn protocol they are mixed into (H11Protocol or HttpToolsProtocol)."
+
+        transport: asyncio.Transport
+        loop: asyncio.AbstractEventLoop
+        cycle: Any  # the request being answered (a class of each protocol's own), None between requests
+
+        def on_response_complete(self) -> None: ...
+
+else:
+    _Protocol = object  # at run time no base of their own: super() reaches the protocol they are mixed into
+
+
+class _HeadTimeout(_Protocol):
     "Closes a connection whose request head does not arrive within `limits.header_timeout`; mixed into a protocol."
 
     limits: Limits
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_timer: asyncio.TimerHandle | None = None
 

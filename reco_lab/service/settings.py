@@ -62,11 +62,13 @@ class Settings(BaseSettings):
     )
     emulate_errors: bool = Field(False, description=f"user ids that are multiples of {FAILING_MULTIPLE} fail")
     docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json")
-    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], normalised(str.upper)] = "INFO"
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], normalised(str.upper)] = Field(
+        "INFO", description="the service's log level"
+    )
+    host: str = Field("127.0.0.1", description="address `reco-lab serve` listens on")
+    port: int = Field(8080, ge=0, le=65535, description="port `reco-lab serve` listens on")
     http: Annotated[Literal["auto", "httptools", "h11"], normalised(str.lower)] = Field(
-        "auto", description="HTTP parser"
+        "auto", description="HTTP parser: auto (httptools when installed), httptools or h11"
     )
     limit_concurrency: int = Field(1000, ge=1, description="connections or requests in flight before 503")
     header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds to send a complete request head")
