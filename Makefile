@@ -85,7 +85,7 @@ lint: $(DEV_STAMP)
 # the notebooks' own tests; their MLflow runs go to a throw-away store
 nbdev-test: $(DEV_STAMP)
 	export MLFLOW_TRACKING_URI=sqlite:///$$(mktemp -d)/mlflow.db && \
-	$(BIN)/python -c "from reco_lab.tracking import check_tracking; check_tracking()" && \
+	MLFLOW_LOGGING_LEVEL=WARNING $(BIN)/python -c "from reco_lab.tracking import check_tracking; check_tracking()" && \
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
 # -rs: every skipped test says why (a missing system part, no Docker engine)
