@@ -210,11 +210,13 @@ def exit_code(error: Exception) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `reco-lab` console script."
     argv = sys.argv[1:] if argv is None else argv
+    # MLflow's INFO lines (a new store's table creation) and its download progress bars are noise at the terminal;
+    # MLFLOW_LOGGING_LEVEL=INFO shows them
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if argv and argv[0] in DELEGATED:
         return delegate(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
-    # MLflow's INFO lines (a new store's table creation) are noise at the terminal; MLFLOW_LOGGING_LEVEL=INFO shows them
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
     except Exception as e:

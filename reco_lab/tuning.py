@@ -6,8 +6,8 @@
 __all__ = ['CONFIG_HEADER', 'best_tuned_candidate', 'base_params', 'Tuning', 'Search', 'worker_name', 'run_trial', 'log_best',
            'search_setting', 'StorageUnavailable', 'hide_password', 'shared_study', 'study_name', 'budgeted',
            'wait_for_trials', 'joined_parent', 'tune_command', 'tune', 'optuna_param', 'save_tuning', 'trials_frame',
-           'search_space_table', 'plot_history', 'tuning_reports_dir', 'write_tuning_report', 'parser',
-           'worker_commands', 'main']
+           'search_space_table', 'plot_history', 'tuning_reports_dir', 'write_tuning_report', 'Cheaper',
+           'prefer_cheaper', 'save_cheaper', 'write_cheaper_report', 'parser', 'worker_commands', 'main']
 
 # %% ../nbs/20_tuning.ipynb #7902788b
 import reco_lab.core  # noqa: F401
@@ -16,6 +16,7 @@ import argparse
 import re
 import shlex
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+import numpy as np
 import optuna
 import pandas as pd
 import yaml
@@ -33,7 +35,7 @@ from .catalog import TUNABLE, get_spec
 from .contract import ModelSpec, StudySpec, capped, config_path, resolve_params, tuned_config
 from .core import console_script, project_root
 from .data import RecoData
-from .evaluation import Splits, split_id
+from .evaluation import MAIN_METRIC, Splits, paired_bootstrap, split_id
 from .experiment import evaluate_folds, setup
 from .tracking import SELECTION_METRIC, EpochLogger, Run, check_tracking, tracked_run
 
@@ -472,6 +474,209 @@ def write_tuning_report(result: Tuning, dataset: str, folder: Path | None = None
     (folder / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
     return folder / f"{name}.md"
 
+# %% ../nbs/20_tuning.ipynb #c7e1a2b5
+@dataclass
+class Cheaper:
+    "The outcome of `prefer_cheaper`: every refitted trial, the best, the one chosen and its values."
+
+    model: str
+    table: pd.DataFrame  # one row per refitted trial, the best first
+    best: int  # trial numbers, as in `<model>.csv`
+    chosen: int
+    params: dict[str, Any]  # the chosen trial's params (all of them, as the study will use them)
+    se: float  # the best's standard error of validation MAP@10
+    protocol: str
+    split: str
+    max_cost: float
+    command: str = ""
+
+
+def _se(per_user: pd.DataFrame, metric: str = MAIN_METRIC) -> float:
+    "Standard error of the mean over folds of the per-user mean of `metric`."
+    folds = per_user.groupby("fold")[metric]
+    return float(np.sqrt((folds.var(ddof=1) / folds.size()).sum()) / folds.ngroups)
+
+
+def prefer_cheaper(
+    name: str,
+    *,
+    dataset: str = "ml-100k",
+    protocol: str = "",
+    n_folds: int = 3,
+    quick: bool = False,
+    seed: int = 42,
+    first_stage: str | None = None,
+    report_dir: str | Path | None = None,
+    max_checks: int = 10,
+    max_cost: float = 0.5,
+    uri: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Cheaper:
+    "The search's cheapest trial not significantly worse than its best on the validation folds (the rule above)."
+    spec = get_spec(name)
+    csv = Path(report_dir or tuning_reports_dir()) / f"{name}.csv"
+    if not csv.is_file():
+        raise ValueError(f"{csv} does not exist: save a search first (reco-lab tune --model {name} --trials N --save)")
+    trials = pd.read_csv(csv)
+    trials = trials[trials["state"] == "COMPLETE"].sort_values([SELECTION_METRIC, "trial"], ascending=[False, True])
+    if trials.empty:
+        raise ValueError(f"{csv} holds no complete trial")
+    searched = [c for c in trials.columns if c not in ("trial", "state", SELECTION_METRIC, "seconds")]
+    lab = StudySpec(dataset=dataset, protocol=protocol, n_folds=n_folds, quick=quick, seed=seed)
+    data, splits = setup(lab)
+    base = base_params(spec, lab, splits, first_stage)
+    run_args: dict[str, Any] = {"dataset": data.name, "protocol": lab.protocol, "quick": quick, "uri": uri}
+    run_args |= {"experiment": "tuning", "notebook": "20_tuning.ipynb"}
+
+    def refit(row: pd.Series) -> tuple[Any, pd.DataFrame, float]:
+        values = {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in searched if pd.notna(row[k])}
+        params = spec.make({**base.model_dump(), **values})
+        params = capped(spec, params) if quick else params
+        tags = {"split": split_id(splits), "tuning": "recheck", "trial": str(int(row["trial"]))}
+        start = time.process_time()
+        with tracked_run(spec.name, params.logged(), tags=tags, **run_args) as run:
+            fit = lambda fold, r: spec.fit_on(params, fold, r, data, lab)  # noqa: E731
+            evaluate_folds(run, splits, fit, test=False)
+            cpu = time.process_time() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                per_user = pd.read_csv(run.client.download_artifacts(run.run_id, "eval/per_user.csv", tmp))
+        return params, per_user, cpu
+
+    def mean(per_user: pd.DataFrame) -> float:
+        return float(per_user.groupby("fold")[MAIN_METRIC].mean().mean())
+
+    top = trials.iloc[0]
+    best_params, best_users, best_cpu = refit(top)
+    recorded, now = float(top[SELECTION_METRIC]), mean(best_users)
+    if abs(now - recorded) > 1e-9:
+        raise ValueError(
+            f"trial {int(top['trial'])} of {csv} gives {SELECTION_METRIC} {now:.6f} here, the search recorded "
+            f"{recorded:.6f}: the search does not repeat here (other data, folds or versions), so nothing is chosen"
+        )
+    se = _se(best_users)
+    log(
+        f"best: trial {int(top['trial'])}, {SELECTION_METRIC} {now:.6f} (standard error {se:.6f}), {best_cpu:.1f} CPU s"
+    )
+    rows = [
+        {"trial": int(top["trial"]), "recorded": recorded, SELECTION_METRIC: now, "cpu_s": best_cpu, "verdict": "best"}
+    ]
+    chosen, chosen_params = int(top["trial"]), best_params
+    near = trials.iloc[1:][trials.iloc[1:][SELECTION_METRIC] >= recorded - se].sort_values(["seconds", "trial"])
+    for _, row in near.head(max_checks).iterrows():
+        params, per_user, cpu = refit(row)
+        ci = paired_bootstrap(per_user, best_users)
+        fine = ci["ci_high"] >= 0 and cpu <= max_cost * best_cpu
+        rows.append(
+            {
+                "trial": int(row["trial"]),
+                "recorded": float(row[SELECTION_METRIC]),
+                SELECTION_METRIC: mean(per_user),
+                "cpu_s": cpu,
+                "diff": ci["diff"],
+                "ci_low": ci["ci_low"],
+                "ci_high": ci["ci_high"],
+                "verdict": "chosen" if fine else ("worse" if ci["ci_high"] < 0 else "not cheaper"),
+            }
+        )
+        log(
+            f"trial {rows[-1]['trial']}: {SELECTION_METRIC} {rows[-1][SELECTION_METRIC]:.6f}, "
+            f"{ci['diff']:+.4f} [{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}], {cpu:.1f} CPU s: {rows[-1]['verdict']}"
+        )
+        if fine:
+            chosen, chosen_params = int(row["trial"]), params
+            break
+    command = (
+        tune_command(
+            name, 0, dataset=dataset, protocol=lab.protocol, n_folds=n_folds, seed=seed, first_stage=first_stage
+        )
+        .replace(" --trials 0", "")
+        .removesuffix(" --save")
+        + " --prefer-cheaper --save"
+    )
+    return Cheaper(
+        name,
+        pd.DataFrame(rows),
+        int(top["trial"]),
+        chosen,
+        chosen_params.model_dump(mode="json"),
+        se,
+        lab.protocol,
+        split_id(splits),
+        max_cost,
+        command,
+    )
+
+# %% ../nbs/20_tuning.ipynb #c7e1a2b6
+def save_cheaper(result: Cheaper, dataset: str, quick: bool = False) -> str:
+    "Make the chosen trial's values the model's `params` in the dataset's config, keeping the search's record."
+    if quick:
+        raise ValueError("a quick check (two folds, few epochs) is not saved: rerun without --quick to save")
+    path = config_path(dataset)
+    config = tuned_config(dataset)
+    entry = config.get(result.model)
+    if entry is None or entry.get("split") != result.split:
+        raise ValueError(
+            f"{path} holds no saved search of {result.model} on split {result.split}: save the search first "
+            f"(reco-lab tune --model {result.model} --trials N --save)"
+        )
+    keys, harness = get_spec(result.model).params.model_fields, ("seed", "eval_every", "first_stage")
+    chosen = result.table.set_index("trial").loc[result.chosen]
+    entry["params"] = {k: result.params[k] for k in keys if k in result.params and k not in harness}
+    entry["chosen_trial"] = result.chosen
+    entry[f"chosen_{SELECTION_METRIC}"] = round(float(chosen[SELECTION_METRIC]), 6)
+    entry["chosen"] = (
+        "the best trial"
+        if result.chosen == result.best
+        else f"trial {result.chosen}, not significantly worse than the best (trial {result.best}) on the validation "
+        f"folds ({chosen['diff']:+.4f} [{chosen['ci_low']:+.4f}, {chosen['ci_high']:+.4f}]) at "
+        f"{chosen['cpu_s'] / result.table['cpu_s'].iloc[0]:.0%} of its CPU time"
+    )
+    entry["chosen_report"] = f"reports/tuning/{result.model}_cheaper.md"
+    entry["chosen_command"] = result.command
+    config[result.model] = entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return str(path)
+
+
+def write_cheaper_report(result: Cheaper, dataset: str, folder: Path | None = None) -> Path:
+    "Write `<model>_cheaper.md` into `folder` (default reports/tuning/): the rule, every refit, the choice."
+    folder = Path(folder or tuning_reports_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    table = result.table.rename(columns={"recorded": "search's value", "cpu_s": "CPU s"})
+    table = table.astype(object).where(table.notna(), "")  # the best has no difference to itself
+    best, chosen = result.best, result.chosen
+    verdict = (
+        f"**Chosen: trial {chosen}**, not significantly worse than the best (trial {best}) at "
+        f"{result.table.set_index('trial').loc[chosen, 'cpu_s'] / result.table['cpu_s'].iloc[0]:.0%} of its CPU time."
+        if chosen != best
+        else f"**The best (trial {best}) stays**: no trial within one standard error was both not significantly "
+        f"worse and at most {result.max_cost:.0%} of its CPU time."
+    )
+    lines = [
+        f"# `{result.model}` on {dataset}: the cheapest trial validation cannot tell from the best",
+        "",
+        f"Repeat it:\n\n```bash\n{result.command}\n```",
+        "",
+        f"Trials of the search in [{result.model}.md]({result.model}.md), refitted on the validation folds of "
+        f"protocol `{result.protocol}` (split `{result.split}`); no test fold is read. The best trial's "
+        f"{SELECTION_METRIC} came back exactly as the search recorded it; its standard error is {result.se:.6f}. "
+        "Checked: the other trials within one standard error of it, cheapest first by the search's recorded "
+        "seconds; diff and its 95% interval: the paired per-user bootstrap against the best (users resampled "
+        "within folds); CPU s: fitting and scoring the validation folds in one process, every thread counted "
+        f"(this machine, at the time). The rule: the first that is not significantly worse (interval reaching 0) "
+        f"and costs at most {result.max_cost:.0%} of the best's CPU time.",
+        "",
+        table.to_markdown(index=False, floatfmt=".6g"),
+        "",
+        verdict,
+        "",
+    ]
+    path = folder / f"{result.model}_cheaper.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
 # %% ../nbs/20_tuning.ipynb #4e420b27
 def parser() -> argparse.ArgumentParser:
     "The options of `reco-lab tune`."
@@ -503,6 +708,13 @@ def parser() -> argparse.ArgumentParser:
         "--save", action="store_true", help="write the best values into configs/<dataset>.yaml and the report"
     )
     p.add_argument("--report-dir", help="where --save writes the search's report (default reports/tuning/)")
+    p.add_argument(
+        "--prefer-cheaper",
+        action="store_true",
+        help="no new search: refit the saved search's best trial and the trials within one standard error of it on "
+        "the validation folds and choose the first that is not significantly worse at most half its CPU time "
+        "(reports/tuning/<model>_cheaper.md; --save makes it the model's params)",
+    )
     return p
 
 # %% ../nbs/20_tuning.ipynb #83eea707
@@ -531,8 +743,19 @@ def main(argv: list[str] | None = None) -> int:
     from reco_lab.data import DataError
     from reco_lab.tracking import TrackingUnavailable
 
+    if args.prefer_cheaper and (args.storage or args.workers > 1):
+        p.error("--prefer-cheaper runs no search: --storage and --workers do not apply")
     try:
-        options = {k: v for k, v in vars(args).items() if k not in ("model", "trials", "save", "workers", "report_dir")}
+        if args.prefer_cheaper:
+            keep = ("dataset", "protocol", "n_folds", "quick", "seed", "first_stage", "report_dir")
+            cheaper = prefer_cheaper(args.model, **{k: getattr(args, k) for k in keep})
+            print(f"chosen: trial {cheaper.chosen} (the best: trial {cheaper.best})")
+            if args.save:
+                print(f"saved to {save_cheaper(cheaper, args.dataset)}")
+                print(f"report: {write_cheaper_report(cheaper, args.dataset, args.report_dir)}")
+            return 0
+        skip = ("model", "trials", "save", "workers", "report_dir", "prefer_cheaper")
+        options = {k: v for k, v in vars(args).items() if k not in skip}
         result = tune(args.model, args.trials, workers=worker_commands(argv, args.workers), **options)
     except (DataError, TrackingUnavailable, ValueError) as e:
         print(f"reco-lab tune: {e}", file=sys.stderr)
