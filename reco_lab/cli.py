@@ -58,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"protocol {study.protocol}, {len(splits)} validation and {len(splits)} test folds:\n{folds_table.to_string()}"
     )
     print(f"(user, item, time) triples shared by validation and test: {shared_interactions(splits)}", end="\n\n")
-    run = run_study(study, only=only, grid=grid, output_dir=args.output_dir, reports_dir=args.reports_dir)
+    run = run_study(
+        study, only=only, grid=grid, output_dir=args.output_dir, reports_dir=args.reports_dir, workers=args.workers
+    )
     board = write_reports(run, folds_table=folds_table)
     print(f"\nstudy {run.spec.study_id} finished in {run.seconds / 60:.1f} min\n")
     print(headline_markdown(board.parent), end="\n\n")
@@ -167,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the leaderboard, curves and index go (default: reports/ for a full study, else the output folder)",
     )
     p.add_argument("--quick", action="store_true", help="few epochs and two folds: the whole pipeline in a few minutes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="notebooks run at once where they do not depend on each other (the candidates); default 2 (1 on one CPU)",
+    )
     p.add_argument(
         "--min-rating",
         type=float,

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CHAMPION_NOTEBOOK', 'STUDY', 'Job', 'StudyFailed', 'nbs_dir', 'parse_grid', 'parse_only', 'checked_value', 'plan',
-           'notebook_css', 'render_html', 'job_parameters', 'execute_job', 'attach_notebook', 'Heartbeat',
+           'notebook_css', 'render_html', 'job_parameters', 'execute_job', 'waves', 'attach_notebook', 'Heartbeat',
            'timings_file', 'study_kind', 'previous_timings', 'save_timings', 'StudyRun', 'writable_dir', 'study_dirs',
            'run_study']
 
@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import re
+import multiprocessing
 import threading
 import tempfile
 import time
@@ -25,9 +26,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from pydantic import TypeAdapter, ValidationError
 
+from .candidates import CANDIDATES
 from .catalog import SPECS, get_spec
 from .contract import StudySpec
 from .core import project_root, settings, shown
@@ -222,6 +225,24 @@ def execute_job(job: Job, out: Path, index: int, study: StudySpec) -> Path:
     render_html(target)
     return target
 
+# %% ../nbs/40_runner.ipynb #e5a1c0d1
+def waves(jobs: list[Job]) -> list[list[Job]]:
+    "The jobs in the order they run: consecutive candidate jobs in one wave (side by side), any other job alone."
+    candidates = {spec.name for spec in CANDIDATES}
+    out: list[list[Job]] = []
+    for job in jobs:
+        if job.model in candidates and out and all(j.model in candidates for j in out[-1]):
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def _execute_in_worker(job: Job, out: Path, index: int, study: StudySpec, env: dict[str, str]) -> Path:
+    "`execute_job` in a worker process whose environment (the kernel's) has `env` on top: its own progress file."
+    os.environ.update(env)
+    return execute_job(job, out, index, study)
+
 # %% ../nbs/40_runner.ipynb #3fbcbcfd
 def attach_notebook(html_path: Path, study_id: str, notebook: str | None) -> int:
     "Log an executed notebook's HTML to the runs of the study it made (`notebook` None: to all of them)."
@@ -242,31 +263,43 @@ def _minutes(seconds: float) -> str:
 
 
 class Heartbeat:
-    "Prints what the running notebook says it is doing, every `every` seconds, with elapsed time and an estimate."
+    "Prints what each running notebook says it is doing, every `every` seconds, with elapsed time and an estimate."
 
-    def __init__(self, status: Path, log: Callable[[str], None], every: float = 30.0):
-        self.status, self.log, self.every = status, log, every
+    def __init__(self, log: Callable[[str], None], every: float = 30.0):
+        self.log, self.every = log, every
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.label, self.started = "", 0.0
-        self.expected: float | None = None  # seconds, by the previous study
+        self._lock = threading.Lock()
+        self.running: dict[str, tuple[Path, float, float | None]] = {}  # label -> (status file, start, expected s)
 
-    def job(self, label: str, expected: float | None) -> None:
-        "Follow a new job, `expected` seconds long by the previous study (None: no estimate)."
-        self.status.unlink(missing_ok=True)
-        self.label, self.started, self.expected = label, time.perf_counter(), expected
+    def job(self, label: str, status: Path, expected: float | None) -> None:
+        "Follow a new job writing to `status`, `expected` seconds long by the previous study (None: no estimate)."
+        status.unlink(missing_ok=True)
+        with self._lock:
+            self.running[label] = (status, time.perf_counter(), expected)
+
+    def done(self, label: str) -> None:
+        "Stop following a job."
+        with self._lock:
+            self.running.pop(label, None)
 
     def line(self) -> str:
-        "The progress line as it reads now."
-        elapsed = time.perf_counter() - self.started
-        doing = self.status.read_text(encoding="utf-8").strip() if self.status.exists() else "starting"
-        left = f", about {_minutes(self.expected - elapsed)} left" if self.expected and self.expected > elapsed else ""
-        return f"    {self.label}: {doing}, {_minutes(elapsed)}{left}"
+        "The progress lines as they read now, one per running job."
+        lines = []
+        with self._lock:
+            running = dict(self.running)
+        for label, (status, started, expected) in running.items():
+            elapsed = time.perf_counter() - started
+            doing = status.read_text(encoding="utf-8").strip() if status.exists() else "starting"
+            left = f", about {_minutes(expected - elapsed)} left" if expected and expected > elapsed else ""
+            lines.append(f"    {label}: {doing}, {_minutes(elapsed)}{left}")
+        return "\n".join(lines)
 
     def __enter__(self) -> "Heartbeat":
         def beat() -> None:
             while not self._stop.wait(self.every):
-                self.log(self.line())
+                if text := self.line():
+                    self.log(text)
 
         self._thread = threading.Thread(target=beat, daemon=True)
         self._thread.start()
@@ -357,11 +390,14 @@ def run_study(
     grid: dict[str, list[Any]] | None = None,
     output_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
+    workers: int = 2,
     log: Callable[[str], None] = print,
 ) -> StudyRun:
-    "Run the study's notebooks with papermill; each executed copy and its HTML go to the output folder."
+    "Run the study's notebooks with papermill, `workers` at once within a wave; executed copies and HTML go to `out`."
     from reco_lab.data import parse_dataset
 
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     parse_dataset(study.dataset)  # a bad dataset name or a missing Kion file stops the study before anything runs
     client = check_tracking()  # so does a tracking store that is down, before any training
     jobs = plan(only, grid)
@@ -380,26 +416,63 @@ def run_study(
         f"reports {reports}"
     )
     start, done, seconds, before = time.perf_counter(), [], {}, previous_timings(study)
-    status = out / "progress.txt"
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL": "WARNING"}  # no stderr noise
-    # the kernels inherit this environment: mlflow's own calls in a notebook read the study's store, wherever it is
-    kernels = {"RECO_LAB_PROGRESS": str(status), "MLFLOW_TRACKING_URI": client.tracking_uri}
+    # the kernels inherit this environment: mlflow's own calls in a notebook read the study's store, wherever it is;
+    # each job's kernel gets its own progress file
+    kernels = {"RECO_LAB_PROGRESS": str(out / "progress.txt"), "MLFLOW_TRACKING_URI": client.tracking_uri}
     saved = {k: os.environ.get(k) for k in kernels}
     os.environ.update({**kernels, **{k: v for k, v in quiet.items() if k not in os.environ}})
+    numbered = {id(job): i for i, job in enumerate(jobs, 1)}
+    planned = waves(jobs)
+
+    def expected_left(wave_index: int) -> float:  # by the previous study: each wave's jobs shared among the workers
+        return sum(sum(before.get(j.label, 0) for j in wave) / min(workers, len(wave)) for wave in planned[wave_index:])
+
     try:
-        with Heartbeat(status, log) as beat:
-            for i, job in enumerate(jobs, 1):
-                left = sum(before.get(j.label, 0) for j in jobs[i - 1 :])
+        with Heartbeat(log) as beat:
+
+            def begin(job: Job, left: float) -> tuple[int, dict[str, str], float]:
+                i = numbered[id(job)]
                 log(f"[{i}/{len(jobs)}] {job.label} ..." + (f" (about {_minutes(left)} left in all)" if left else ""))
-                beat.job(f"[{i}/{len(jobs)}] {job.label}", before.get(job.label))
-                t0 = time.perf_counter()
-                done.append(execute_job(job, out, i, study))
+                status = out / f"progress-{i:02d}.txt"
+                beat.job(f"[{i}/{len(jobs)}] {job.label}", status, before.get(job.label))
+                return i, {"RECO_LAB_PROGRESS": str(status)}, time.perf_counter()
+
+            def finish(job: Job, i: int, executed: Path, t0: float) -> None:
+                done.append(executed)
                 # every number a run holds links to the notebook that made it; the champion's logs intervals to all
                 attach_notebook(
-                    done[-1].with_suffix(".html"), study.study_id, None if job.model is None else job.notebook
+                    executed.with_suffix(".html"), study.study_id, None if job.model is None else job.notebook
                 )
                 seconds[job.label] = time.perf_counter() - t0
+                beat.done(f"[{i}/{len(jobs)}] {job.label}")
                 log(f"[{i}/{len(jobs)}] {job.label} done in {_minutes(seconds[job.label])}")
+
+            for w, wave in enumerate(planned):
+                if len(wave) == 1 or workers == 1:
+                    for job in wave:
+                        i, env, t0 = begin(job, expected_left(w))
+                        os.environ.update(env)
+                        finish(job, i, execute_job(job, out, i, study), t0)
+                    continue
+                # a fresh interpreter per worker (spawn): no lock or thread of this process is copied into it
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(min(workers, len(wave)), mp_context=context) as pool:
+                    pending, running = list(wave), dict[Future, tuple[Job, int, float]]()
+                    while pending or running:
+                        while pending and len(running) < workers:
+                            job = pending.pop(0)
+                            i, env, t0 = begin(job, expected_left(w) if job is wave[0] else 0)
+                            future: Future = pool.submit(_execute_in_worker, job, out, i, study, env)
+                            running[future] = (job, i, t0)
+                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            job, i, t0 = running.pop(future)
+                            if future.exception() is not None:
+                                for other in pending:
+                                    log(f"[{numbered[id(other)]}/{len(jobs)}] {other.label}: not run")
+                                pending.clear()  # the notebooks already running finish; then the error is raised
+                            finish(job, i, future.result(), t0)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -407,4 +480,5 @@ def run_study(
             else:
                 os.environ[k] = v
     save_timings(study, seconds)
+    done.sort(key=lambda path: path.name)  # numbered in the study's order
     return StudyRun(study, out, reports, done, time.perf_counter() - start, full)
