@@ -1,6 +1,7 @@
 """The same commit gives the same per-user results in every process: two quick studies of real ML-100k, run side by
 side with different hash seeds, thread counts and numpy CPU kernels (the second as an AVX2 machine's numpy would
-run, with AVX-512 switched off), must leave byte-identical per-user scores, exports and splits."""
+run, with AVX-512 switched off), the first running its notebooks one at a time and the second its candidates two at
+a time, must leave byte-identical per-user scores, exports and splits."""
 
 import os
 import shutil
@@ -23,6 +24,7 @@ SETTINGS = {
     "one": {"PYTHONHASHSEED": "1", "RECO_LAB_THREADS": "1"},
     "two": {"PYTHONHASHSEED": "2", "RECO_LAB_THREADS": "2", "NPY_DISABLE_CPU_FEATURES": " ".join(AVX512)},
 }
+WORKERS = {"one": "1", "two": "2"}  # notebooks at once: one after another, or the candidates side by side
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,15 @@ def studies(tmp_path_factory):
         log = open(folder / "log.txt", "w")  # noqa: SIM115 (closed below, after the process)
         procs[name] = (
             subprocess.Popen(
-                [console_script("reco-lab"), "run", "--quick", "--output-dir", str(folder / "out")],
+                [
+                    console_script("reco-lab"),
+                    "run",
+                    "--quick",
+                    "--workers",
+                    WORKERS[name],
+                    "--output-dir",
+                    str(folder / "out"),
+                ],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
