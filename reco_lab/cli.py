@@ -43,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reco_lab.runner import parse_grid, parse_only, plan, run_study, writable_dir
     from reco_lab.tracking import check_tracking
 
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     study = study_of(args, args.quick)
     parse_dataset(study.dataset)
     check_tracking()  # all of these fail fast, before the data is loaded
