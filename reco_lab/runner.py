@@ -390,7 +390,7 @@ def run_study(
     grid: dict[str, list[Any]] | None = None,
     output_dir: str | Path | None = None,
     reports_dir: str | Path | None = None,
-    workers: int = 2,
+    workers: int = 1,
     log: Callable[[str], None] = print,
 ) -> StudyRun:
     "Run the study's notebooks with papermill, `workers` at once within a wave; executed copies and HTML go to `out`."
