@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['CONFIG_HEADER', 'best_tuned_candidate', 'base_params', 'Tuning', 'Search', 'worker_name', 'run_trial', 'log_best',
            'search_setting', 'StorageUnavailable', 'hide_password', 'shared_study', 'study_name', 'budgeted',
-           'wait_for_trials', 'joined_parent', 'tune_command', 'tune', 'optuna_param', 'save_tuning', 'trials_frame',
-           'search_space_table', 'plot_history', 'tuning_reports_dir', 'write_tuning_report', 'Cheaper',
-           'prefer_cheaper', 'save_cheaper', 'write_cheaper_report', 'parser', 'worker_commands', 'main']
+           'wait_for_trials', 'joined_parent', 'tune_command', 'tune', 'optuna_param', 'save_tuning', 'tuned_values',
+           'write_config', 'trials_frame', 'search_space_table', 'plot_history', 'tuning_reports_dir',
+           'write_tuning_report', 'Cheaper', 'prefer_cheaper', 'save_cheaper', 'write_cheaper_report', 'parser',
+           'worker_commands', 'main']
 
 # %% ../nbs/20_tuning.ipynb #7902788b
 import reco_lab.core  # noqa: F401
@@ -203,10 +204,18 @@ def joined_parent(study: optuna.Study, timeout: float = 120.0) -> str:
 
 
 def tune_command(
-    name: str, trials: int, *, dataset: str, protocol: str, n_folds: int, seed: int, first_stage=None
+    name: str,
+    trials: int | None,
+    *,
+    dataset: str,
+    protocol: str,
+    n_folds: int,
+    seed: int,
+    first_stage=None,
+    flags: tuple[str, ...] = (),
 ) -> str:
-    "The `reco-lab tune` command line that repeats a search (options at their defaults left out)."
-    args = ["reco-lab", "tune", "--model", name, "--trials", str(trials)]
+    "The `reco-lab tune` command line that repeats a search (options at their defaults left out), with `flags`."
+    args = ["reco-lab", "tune", "--model", name, *(["--trials", str(trials)] if trials is not None else [])]
     for option, value, default in (
         ("--dataset", dataset, "ml-100k"),
         ("--protocol", protocol, ""),
@@ -216,7 +225,7 @@ def tune_command(
     ):
         if value not in (default, None) and not (option == "--protocol" and value == _default_protocol(dataset)):
             args += [option, str(value)]
-    return shlex.join([*args, "--save"])
+    return shlex.join([*args, *flags, "--save"])
 
 
 def _default_protocol(dataset: str) -> str:
@@ -338,10 +347,8 @@ def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
     if quick:
         raise ValueError("a quick search (two folds, few epochs) is not saved: rerun without --quick to save")
     name = result.model
-    keys = get_spec(name).params.model_fields
-    harness = ("seed", "eval_every", "first_stage")  # the search's own settings, not tuned values
     entry = {
-        "params": {k: result.best_params[k] for k in keys if k in result.best_params and k not in harness},
+        "params": tuned_values(name, result.best_params),
         f"best_{SELECTION_METRIC}": round(result.best_value, 6),
         "trials": result.trials,
         "protocol": result.protocol,
@@ -352,9 +359,20 @@ def save_tuning(result: Tuning, dataset: str, quick: bool = False) -> str:
     }
     if name == "ranker":
         entry["first_stage"] = result.best_params["first_stage"]["model"]
-    path = config_path(dataset)
     config = tuned_config(dataset)
     config[name] = entry
+    return write_config(dataset, config)
+
+
+def tuned_values(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    "The model's own hyper-parameters among `params` (not the search's settings: seed, eval_every, first stage)."
+    harness = ("seed", "eval_every", "first_stage")
+    return {k: params[k] for k in get_spec(name).params.model_fields if k in params and k not in harness}
+
+
+def write_config(dataset: str, config: dict[str, Any]) -> str:
+    "Replace the dataset's config file with `config` (written beside it, then renamed); its path."
+    path = config_path(dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -490,6 +508,16 @@ class Cheaper:
     max_cost: float
     command: str = ""
 
+    @property
+    def chosen_row(self) -> pd.Series:
+        "The chosen trial's row of `table`."
+        return self.table.set_index("trial").loc[self.chosen]
+
+    @property
+    def cost_share(self) -> float:
+        "The chosen trial's CPU time over the best's."
+        return float(self.chosen_row["cpu_s"] / self.table["cpu_s"].iloc[0])
+
 
 def _se(per_user: pd.DataFrame, metric: str = MAIN_METRIC) -> float:
     "Standard error of the mean over folds of the per-user mean of `metric`."
@@ -585,13 +613,15 @@ def prefer_cheaper(
         if fine:
             chosen, chosen_params = int(row["trial"]), params
             break
-    command = (
-        tune_command(
-            name, 0, dataset=dataset, protocol=lab.protocol, n_folds=n_folds, seed=seed, first_stage=first_stage
-        )
-        .replace(" --trials 0", "")
-        .removesuffix(" --save")
-        + " --prefer-cheaper --save"
+    command = tune_command(
+        name,
+        None,
+        dataset=dataset,
+        protocol=lab.protocol,
+        n_folds=n_folds,
+        seed=seed,
+        first_stage=first_stage,
+        flags=("--prefer-cheaper",),
     )
     return Cheaper(
         name,
@@ -611,17 +641,15 @@ def save_cheaper(result: Cheaper, dataset: str, quick: bool = False) -> str:
     "Make the chosen trial's values the model's `params` in the dataset's config, keeping the search's record."
     if quick:
         raise ValueError("a quick check (two folds, few epochs) is not saved: rerun without --quick to save")
-    path = config_path(dataset)
     config = tuned_config(dataset)
     entry = config.get(result.model)
     if entry is None or entry.get("split") != result.split:
         raise ValueError(
-            f"{path} holds no saved search of {result.model} on split {result.split}: save the search first "
-            f"(reco-lab tune --model {result.model} --trials N --save)"
+            f"{config_path(dataset)} holds no saved search of {result.model} on split {result.split}: save the "
+            f"search first (reco-lab tune --model {result.model} --trials N --save)"
         )
-    keys, harness = get_spec(result.model).params.model_fields, ("seed", "eval_every", "first_stage")
-    chosen = result.table.set_index("trial").loc[result.chosen]
-    entry["params"] = {k: result.params[k] for k in keys if k in result.params and k not in harness}
+    chosen = result.chosen_row
+    entry["params"] = tuned_values(result.model, result.params)
     entry["chosen_trial"] = result.chosen
     entry[f"chosen_{SELECTION_METRIC}"] = round(float(chosen[SELECTION_METRIC]), 6)
     entry["chosen"] = (
@@ -629,15 +657,12 @@ def save_cheaper(result: Cheaper, dataset: str, quick: bool = False) -> str:
         if result.chosen == result.best
         else f"trial {result.chosen}, not significantly worse than the best (trial {result.best}) on the validation "
         f"folds ({chosen['diff']:+.4f} [{chosen['ci_low']:+.4f}, {chosen['ci_high']:+.4f}]) at "
-        f"{chosen['cpu_s'] / result.table['cpu_s'].iloc[0]:.0%} of its CPU time"
+        f"{result.cost_share:.0%} of its CPU time"
     )
     entry["chosen_report"] = f"reports/tuning/{result.model}_cheaper.md"
     entry["chosen_command"] = result.command
     config[result.model] = entry
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return str(path)
+    return write_config(dataset, config)
 
 
 def write_cheaper_report(result: Cheaper, dataset: str, folder: Path | None = None) -> Path:
@@ -649,7 +674,7 @@ def write_cheaper_report(result: Cheaper, dataset: str, folder: Path | None = No
     best, chosen = result.best, result.chosen
     verdict = (
         f"**Chosen: trial {chosen}**, not significantly worse than the best (trial {best}) at "
-        f"{result.table.set_index('trial').loc[chosen, 'cpu_s'] / result.table['cpu_s'].iloc[0]:.0%} of its CPU time."
+        f"{result.cost_share:.0%} of its CPU time."
         if chosen != best
         else f"**The best (trial {best}) stays**: no trial within one standard error was both not significantly "
         f"worse and at most {result.max_cost:.0%} of its CPU time."
